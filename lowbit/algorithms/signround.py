@@ -1,0 +1,164 @@
+"""SignRound: tune each weight's rounding and each group's range by signed gradient descent so the
+quantized block reproduces the full-precision block's outputs.
+
+Per weight a rounding offset V in [-0.5, 0.5] (init 0) added before rounding; per group factors on
+the min and max (init 1, kept in [0, 1]). Each step: p -= lr * sign(grad), lr decaying linearly to
+0. The parameters of the best minibatch loss seen are kept.
+
+All Linear layers of a block that share a group size and symmetry are tuned as one [rows, group]
+tensor, so one iteration is one quantize-dequantize call per such bucket plus the block's forward
+and backward: no Python loop over layers or groups.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
+from lowbit.model import block_output
+from lowbit.qdq import fake_quantize_groups, from_groups, n_groups, quantize, to_groups
+
+
+@dataclass(frozen=True)
+class SignRound:
+    iters: int = 200
+    lr: float | None = None  # None: 1 / iters
+    batch_size: int = 8
+    tune_minmax: bool = True  # learn the per-group min/max factors, not only V
+
+    name: ClassVar[str] = "signround"
+    needs_data: ClassVar[bool] = True
+
+    def __post_init__(self):
+        from lowbit.errors import LowbitError
+
+        if self.iters < 0:
+            raise LowbitError(f"iters must be >= 0, got {self.iters}")
+        if self.batch_size < 1:
+            raise LowbitError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise LowbitError(f"lr must be positive, got {self.lr}")
+
+    def quantize_block(self, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
+        return signround_block(self, block, layers, data, seed)
+
+
+class _Bucket:
+    """The layers of one (group size, symmetry), their groups stacked as rows of one tensor."""
+
+    def __init__(self, group_size: int, sym: bool, items):
+        self.group_size, self.sym = group_size, sym
+        self.slices = []  # (name, start row, end row, out_features, in_features)
+        rows, bits, start = [], [], 0
+        for name, lin, scheme in items:
+            out_f, in_f = lin.weight.shape
+            wg = to_groups(lin.weight.detach().float(), group_size)
+            rows.append(wg.reshape(-1, wg.shape[-1]))
+            bits.append(torch.full((rows[-1].shape[0], 1), float(scheme.bits)))
+            self.slices.append((name, start, start + rows[-1].shape[0], out_f, in_f))
+            start += rows[-1].shape[0]
+        self.w = torch.cat(rows)
+        self.bits = torch.cat(bits).to(self.w.device)
+        self.v = torch.zeros_like(self.w, requires_grad=True)
+        self.mn = torch.ones(len(self.w), 1, device=self.w.device, requires_grad=True)
+        self.mx = torch.ones(len(self.w), 1, device=self.w.device, requires_grad=True)
+
+    def params(self, tune_minmax: bool):
+        return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
+
+    def weights(self, dtype) -> dict[str, torch.Tensor]:
+        wq = fake_quantize_groups(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
+        return {
+            name + ".weight": from_groups(wq[a:b].view(out_f, -1, wq.shape[-1]), in_f)
+            for name, a, b, out_f, in_f in self.slices
+        }
+
+    def quantized(self, layers: LayerMap) -> dict:
+        out = {}
+        for name, a, b, out_f, in_f in self.slices:
+            lin, s = layers[name]
+            ng = n_groups(in_f, self.group_size)
+            v = from_groups(self.v.detach()[a:b].view(out_f, ng, -1), in_f)
+            out[name] = quantize(
+                lin.weight, s.bits, s.group_size, s.sym, v,
+                self.mn.detach()[a:b].view(out_f, ng), self.mx.detach()[a:b].view(out_f, ng),
+            )
+        return out
+
+
+def _buckets(layers: LayerMap) -> list[_Bucket]:
+    by_key: dict = {}
+    for name, (lin, s) in layers.items():
+        by_key.setdefault((s.group_size, s.sym), []).append((name, lin, s))
+    return [_Bucket(g, sym, items) for (g, sym), items in by_key.items()]
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator):
+    """Endless minibatch indices: a fresh seeded permutation each pass over the data."""
+    batch_size = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i : i + batch_size]
+
+
+def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
+    t0 = time.perf_counter()
+    buckets = _buckets(layers)
+    params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
+    dtype = next(iter(layers.values()))[0].weight.dtype
+    lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+    gen = torch.Generator().manual_seed(seed)
+    batches = _batches(len(data.inputs), cfg.batch_size, gen)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def loss_on(idx):
+        w = {k: v for b in buckets for k, v in b.weights(dtype).items()}
+        out = block_output(functional_call(block, w, (data.inputs[idx],), data.kwargs))
+        return F.mse_loss(out.float(), data.targets[idx].float())
+
+    best_loss, best = float("inf"), [p.detach().clone() for p in params]
+    first_loss = None
+    try:
+        for t in range(cfg.iters):
+            loss = loss_on(next(batches))
+            value = loss.item()
+            if first_loss is None:
+                first_loss = value
+            if value < best_loss:
+                best_loss, best = value, [p.detach().clone() for p in params]
+            loss.backward()
+            step = lr * (1 - t / cfg.iters)
+            with torch.no_grad():
+                for b in buckets:
+                    b.v.sub_(step * b.v.grad.sign()).clamp_(-0.5, 0.5)
+                    if cfg.tune_minmax:
+                        b.mn.sub_(step * b.mn.grad.sign()).clamp_(0, 1)
+                        b.mx.sub_(step * b.mx.grad.sign()).clamp_(0, 1)
+                for p in params:
+                    p.grad = None
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    with torch.no_grad():
+        for p, q in zip(params, best):
+            p.copy_(q)
+    weights = {}
+    for b in buckets:
+        weights.update(b.quantized(layers))
+    seconds = time.perf_counter() - t0
+    stats = {
+        "loss_first": first_loss,
+        "loss_best": best_loss if cfg.iters else None,
+        "iters": cfg.iters,
+        "seconds": seconds,
+        "seconds_per_iter": seconds / cfg.iters if cfg.iters else 0.0,
+    }
+    return BlockResult(weights, stats)

@@ -1,0 +1,19 @@
+"""Top-level helpers that take folders: load a (quantized) model, evaluate it."""
+from __future__ import annotations
+
+from lowbit.calib import read_text
+from lowbit.eval.perplexity import perplexity
+from lowbit.model import load_model
+
+
+def load(path: str):
+    """(model, tokenizer) of a local folder, original or written by lowbit (fake format)."""
+    return load_model(path)
+
+
+def evaluate(model, text_file: str, *, tokenizer=None, seqlen: int = 2048, max_windows: int | None = None) -> dict:
+    """Perplexity of a model (a module or a folder) on a text file: {"ppl", "nll", "windows", "tokens"}."""
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    seqlen = min(seqlen, getattr(model.config, "max_position_embeddings", seqlen) or seqlen)
+    return perplexity(model, tokenizer, read_text(text_file), seqlen=seqlen, max_windows=max_windows)

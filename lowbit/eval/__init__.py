@@ -1,0 +1,3 @@
+from lowbit.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

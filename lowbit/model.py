@@ -1,0 +1,141 @@
+"""Model plumbing: load a local folder, find the transformer blocks and their Linear layers,
+capture the first block's inputs without running the rest of the model."""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face folder, offline."""
+    import transformers
+
+    if not os.path.isdir(path):
+        raise LowbitError(f"model folder not found: {path}")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise LowbitError(f"not a model folder (no config.json): {path}")
+    try:
+        with open(cfg_file) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"corrupt config.json in {path}: {e}") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken folder
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"cannot load model from {path}: {msg}") from None
+    model.eval()
+    check_finite(model)
+    return model, tokenizer
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise LowbitError(f"weight {name} contains NaN or Inf")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList holding the most parameters in Linear layers."""
+    best, best_params = None, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        n = sum(m.weight.numel() for m in mod.modules() if isinstance(m, nn.Linear))
+        if n > best_params:
+            best, best_params = (name, mod), n
+    if best is None:
+        raise LowbitError(f"no transformer blocks (a ModuleList of layers with Linear weights) found in {type(model).__name__}")
+    return best
+
+
+def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that owns a 2-D weight (Linear, Embedding, Conv1D...): what could be quantized."""
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            out[name] = m
+    return out
+
+
+def find_lm_head(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+    for name, m in model.named_modules():
+        if m is head:
+            return name, m
+    return None
+
+
+@contextmanager
+def blocks_detached(model: nn.Module, blocks_name: str):
+    """Temporarily take the block list out of the model (to move the rest to another device)."""
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        yield blocks
+    finally:
+        setattr(parent, attr, blocks)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for each window [n, seqlen], and the block's keyword
+    arguments (masks, position embeddings) of the first window. Windows share their length and
+    have no padding, so those arguments are the same for all and broadcast over a batch."""
+    states, kwargs_seen = [], {}
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        states.append(hidden.detach())
+        if not kwargs_seen:
+            kwargs_seen.update(kwargs)
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for w in windows:
+            try:
+                model(input_ids=w[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in kwargs_seen.items() if k not in ("past_key_values", "cache", "past_key_value")}
+    kwargs["use_cache"] = False
+    return torch.cat(states), kwargs
+
+
+def block_output(out) -> torch.Tensor:
+    """Blocks return a tensor or a tuple whose first item is the hidden states."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
+    """The block's outputs for all rows of x, computed in batches."""
+    return torch.cat([block_output(block(x[i : i + batch_size], **kwargs)) for i in range(0, len(x), batch_size)])

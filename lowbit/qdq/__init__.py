@@ -1,0 +1,24 @@
+"""Pure tensor math: quantize-dequantize. Knows nothing about models or files."""
+from lowbit.qdq.int import (
+    QuantizedWeight,
+    fake_quantize,
+    fake_quantize_groups,
+    from_groups,
+    group_params,
+    n_groups,
+    quantize,
+    round_ste,
+    to_groups,
+)
+
+__all__ = [
+    "QuantizedWeight",
+    "fake_quantize",
+    "fake_quantize_groups",
+    "from_groups",
+    "group_params",
+    "n_groups",
+    "quantize",
+    "round_ste",
+    "to_groups",
+]

@@ -1,0 +1,65 @@
+"""What to quantize to: a small frozen dataclass and named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lowbit.errors import LowbitError
+
+DATA_TYPES = ("int",)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Weight-only quantization scheme: bits, group size (-1 = per output channel), symmetry."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    dtype: str = "int"
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise LowbitError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size == 0 or self.group_size < -1:
+            raise LowbitError(
+                f"group_size must be a positive integer or -1 (per channel), got {self.group_size!r}"
+            )
+        if self.dtype not in DATA_TYPES:
+            raise LowbitError(f"data type {self.dtype!r} is not supported (have: {', '.join(DATA_TYPES)})")
+
+    @property
+    def name(self) -> str:
+        g = "" if self.group_size == 128 else (f"G{self.group_size}" if self.group_size > 0 else "PC")
+        return f"W{self.bits}A16{g}" + ("" if self.sym else "-asym")
+
+    def replace(self, **changes) -> "Scheme":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scheme":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise LowbitError(f"unknown scheme keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    "W2A16": Scheme(2, 128),
+    "W3A16": Scheme(3, 128),
+    "W4A16": Scheme(4, 128),
+    "W8A16": Scheme(8, 128),
+    "W2A16G64": Scheme(2, 64),
+    "W2A16G32": Scheme(2, 32),
+}
+
+
+def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
+    """A preset by name (case-insensitive), with the group size or symmetry overridden if given."""
+    key = name.upper()
+    if key not in PRESETS:
+        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)})")
+    return PRESETS[key].replace(group_size=group_size, sym=sym)
