@@ -70,7 +70,15 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     """The whole text as one 1-D stream of token ids (no special tokens)."""
     if not text.strip():
         raise LowbitError("the text is empty")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    from transformers.utils import logging
+
+    # Tokenizing a long text warns that it exceeds the model's context: we cut it into windows.
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        logging.set_verbosity(level)
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -100,34 +100,58 @@ class _Stop(Exception):
     pass
 
 
+_SKIP_KWARGS = ("past_key_values", "cache", "past_key_value", "hidden_states")
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for each window [n, seqlen], and the block's keyword
-    arguments (masks, position embeddings) of the first window. Windows share their length and
-    have no padding, so those arguments are the same for all and broadcast over a batch."""
-    states, kwargs_seen = [], {}
+) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering block 0 for each window [n, seqlen], and each block's keyword
+    arguments (masks, position embeddings; they differ between blocks in models that mix
+    sliding-window and full attention). Windows share their length and have no padding, so the
+    arguments of the first window serve all windows and broadcast over a minibatch.
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        states.append(hidden.detach())
-        if not kwargs_seen:
-            kwargs_seen.update(kwargs)
-        raise _Stop
+    The blocks are swapped for pass-throughs that record their inputs, so no block is computed
+    and the blocks may stay on another device."""
+    states: list[torch.Tensor] = []
+    per_block: list[dict] = []
+    first_window = True
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def passthrough(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                states.append(hidden.detach())
+            if first_window:
+                per_block.append({k: v for k, v in kwargs.items() if k not in _SKIP_KWARGS})
+            if i == len(blocks) - 1 or not first_window:
+                raise _Stop
+            return hidden
+
+        return forward
+
+    saved = [b.__dict__.get("forward") for b in blocks]  # an instance forward (e.g. accelerate's)
     try:
+        for i, b in enumerate(blocks):
+            b.forward = passthrough(i)
         for w in windows:
             try:
                 model(input_ids=w[None].to(device), use_cache=False)
             except _Stop:
                 pass
+            first_window = False
     finally:
-        handle.remove()
-    kwargs = {k: v for k, v in kwargs_seen.items() if k not in ("past_key_values", "cache", "past_key_value")}
-    kwargs["use_cache"] = False
-    return torch.cat(states), kwargs
+        for b, f in zip(blocks, saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+    if len(per_block) != len(blocks) or len(states) != len(windows):
+        raise LowbitError(f"{type(model).__name__}: could not capture the inputs of every block")
+    for kw in per_block:
+        kw["use_cache"] = False
+    return torch.cat(states), per_block
 
 
 def block_output(out) -> torch.Tensor:

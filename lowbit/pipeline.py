@@ -120,7 +120,8 @@ def quantize(
         report["calibration"]["capture_seconds"] = time.perf_counter() - t0
 
     quantized: dict[str, QuantizedWeight] = {}
-    bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not progress, file=sys.stderr)
+    # The bar only on a terminal; the per-block lines always (logs and CI read them).
+    bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
     for i, block in bar:
         t0 = time.perf_counter()
         home = next(block.parameters()).device
@@ -129,15 +130,15 @@ def quantize(
         data = None
         if algo.needs_data:
             batch = getattr(algo, "batch_size", 8)
-            targets = run_block(block, fp_in, kwargs, batch)
-            data = BlockData(q_in, kwargs, targets)
+            targets = run_block(block, fp_in, kwargs[i], batch)
+            data = BlockData(q_in, kwargs[i], targets)
         result = algo.quantize_block(block, layers, data, seed=seed + i)
         with torch.no_grad():
             for n, (lin, _) in layers.items():
                 lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
                 quantized[f"{blocks_name}.{i}.{n}"] = result.weights[n]
         if algo.needs_data:
-            q_in = run_block(block, q_in, kwargs, batch)
+            q_in = run_block(block, q_in, kwargs[i], batch)
             fp_in = targets
         block.to(home)
         stats = {"index": i, **result.stats, "seconds": time.perf_counter() - t0}
@@ -148,7 +149,7 @@ def quantize(
             msg = f"block {i + 1}/{len(blocks)}: {stats['seconds']:.1f}s"
             if loss is not None:
                 msg += f", loss {first:.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
-            bar.write(msg)
+            bar.write(msg, file=sys.stderr)
             bar.set_postfix(loss=f"{loss:.3g}" if loss is not None else "-", s=f"{stats['seconds']:.1f}")
     bar.close()
 

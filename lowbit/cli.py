@@ -1,0 +1,142 @@
+"""Command line: `lowbit quantize MODEL_DIR ...` and `lowbit eval MODEL_DIR --text FILE`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lowbit.errors import LowbitError
+
+
+def _add_eval_args(p, text_flag: str, required: bool = False):
+    p.add_argument(text_flag, dest="text", required=required, help="text file to measure perplexity on (.txt, .jsonl, .parquet)")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="window length (capped at the model's context)")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
+    q.add_argument("model", help="local model folder")
+    q.add_argument("--scheme", default="W4A16", help="W2A16, W3A16, W4A16, W8A16, W2A16G64, W2A16G32 (default W4A16)")
+    q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
+    q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
+    q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
+    q.add_argument("--algorithm", default="signround", help="signround (default) or rtn")
+    q.add_argument("--preset", choices=["default", "light", "best"], default="default",
+                   help="light: 50 iters; best: 1000 iters, 512 samples")
+    q.add_argument("--iters", type=int, default=None)
+    q.add_argument("--lr", type=float, default=None, help="default 1/iters")
+    q.add_argument("--batch-size", type=int, default=None, help="windows per tuning step (default 8)")
+    q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dataset", default=None, help="calibration text: .txt, .jsonl, .parquet, or a datasets name")
+    q.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quantize-lm-head", action="store_true", help="also round lm_head (kept in full precision by default)")
+    q.add_argument("--device", default=None, help="cpu (default) or cuda")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_eval_args(q, "--eval-text")
+
+    e = sub.add_parser("eval", help="perplexity of a model folder on a text")
+    e.add_argument("model", help="local model folder (original or quantized)")
+    _add_eval_args(e, "--text", required=True)
+    return parser
+
+
+def cmd_quantize(args) -> None:
+    import lowbit
+    from lowbit.export import save_fake
+    from lowbit.export.fake import check_out_dir
+    from lowbit.model import load_model
+    from lowbit.pipeline import PRESETS
+
+    # Everything that can be checked is checked before any work starts.
+    check_out_dir(args.out, args.overwrite)
+    scheme = lowbit.get_scheme(args.scheme, group_size=args.group_size, sym=False if args.asym else None)
+    if args.bits is not None:
+        scheme = scheme.replace(bits=args.bits)
+    algo_preset, pipe_preset = PRESETS[args.preset]
+    settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size}
+    if args.algorithm.lower() == "signround":
+        settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
+    algo = lowbit.get_algorithm(args.algorithm, **settings)
+    if algo.needs_data and args.dataset is None:
+        raise LowbitError(f"--dataset is required for --algorithm {algo.name}")
+    if args.text is not None and not os.path.isfile(args.text):
+        raise LowbitError(f"evaluation text not found: {args.text}")
+    nsamples = args.nsamples if args.nsamples is not None else pipe_preset["nsamples"]
+
+    model, tokenizer = load_model(args.model)
+    seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
+    if seqlen != args.seqlen:
+        _say(args, f"seqlen capped at the model's context: {seqlen}")
+    before = _eval(model, tokenizer, args) if args.text else None
+    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)})")
+    result = lowbit.quantize(
+        model, scheme, algo, args.dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
+        seed=args.seed, lm_head=args.quantize_lm_head, device=args.device, progress=not args.quiet,
+    )
+    if args.text:
+        after = _eval(model, tokenizer, args)
+        result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
+                                 "windows": after["windows"], "seqlen": min(args.eval_seqlen, seqlen_of(model))}
+    out = save_fake(result, args.out, overwrite=args.overwrite)
+    n_q, n_u = len(result.layers), len(result.report["unquantized"])
+    print(f"quantized {n_q} layers to {scheme.name} in {result.report['seconds']:.1f}s; "
+          f"left in full precision: {', '.join(result.report['unquantized']) or 'none'} ({n_u})")
+    if args.text:
+        print(f"perplexity on {args.text}: original {before['ppl']:.4f}, quantized {after['ppl']:.4f}")
+    print(f"wrote {out}")
+
+
+def seqlen_of(model) -> int:
+    return getattr(model.config, "max_position_embeddings", 2048) or 2048
+
+
+def _eval(model, tokenizer, args) -> dict:
+    from lowbit.calib import read_text
+    from lowbit.eval import perplexity
+
+    seqlen = min(args.eval_seqlen, seqlen_of(model))
+    return perplexity(model, tokenizer, read_text(args.text), seqlen=seqlen, max_windows=args.eval_windows)
+
+
+def _describe(algo) -> str:
+    import dataclasses
+
+    return ", ".join(f"{f.name}={getattr(algo, f.name)}" for f in dataclasses.fields(algo)) or "no settings"
+
+
+def _say(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from lowbit.model import load_model
+
+    if not os.path.isfile(args.text):
+        raise LowbitError(f"evaluation text not found: {args.text}")
+    model, tokenizer = load_model(args.model)
+    r = _eval(model, tokenizer, args)
+    print(json.dumps({"model": args.model, "text": args.text, **r}))
+    print(f"perplexity {r['ppl']:.4f} ({r['windows']} windows, {r['tokens']} tokens)", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
