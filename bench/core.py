@@ -1,5 +1,6 @@
-"""Core benchmark: perplexity of the original, RTN and SignRound, quantization wall time and peak
-memory, on stories260K (W2G32, W3G32, W4G32) and pycode-7m (W2G128, W3G128, W4G128).
+"""Core benchmark: perplexity of the original, RTN and SignRound (with and without the
+activation-weighted pre-tuning scale search, "prescale"), quantization wall time and peak memory,
+on stories260K (W2G32, W3G32, W4G32) and pycode-7m (W2G128, W3G128, W4G128).
 
     python bench/core.py                 # everything, writes bench/results/core.md and .jsonl
     python bench/core.py --models stories260K --bits 2
@@ -37,6 +38,17 @@ def text_slice(spec) -> str:
     return text[int(a * len(text)) : int(b * len(text))]
 
 
+def algorithms(iters: int) -> dict:
+    import lowbit
+
+    return {
+        "rtn": lowbit.RTN(),
+        "rtn+prescale": lowbit.SignRound(iters=0, prescale=True),  # "optimized RTN"
+        "signround": lowbit.SignRound(iters=iters, prescale=False),
+        "signround+prescale": lowbit.SignRound(iters=iters, prescale=True),
+    }
+
+
 def one(model_name: str, bits: int | None, algorithm: str, iters: int, nsamples: int) -> dict:
     """One run, in this process: quantize (unless bits is None) and evaluate."""
     import torch
@@ -53,7 +65,7 @@ def one(model_name: str, bits: int | None, algorithm: str, iters: int, nsamples:
     seconds = 0.0
     if bits is not None:
         calib_windows = make_windows(tokenize(tok, text_slice(calib)), nsamples, SEQLEN, seed=0)
-        algo = lowbit.SignRound(iters=iters) if algorithm == "signround" else lowbit.RTN()
+        algo = algorithms(iters)[algorithm]
         t0 = time.perf_counter()
         r = lowbit.quantize(model, lowbit.Scheme(bits, group), algo, calib_windows, progress=False)
         seconds = time.perf_counter() - t0
@@ -81,7 +93,7 @@ def main():
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     rows = []
     for m in args.models:
-        runs = [("none", "original")] + [(str(b), a) for b in args.bits for a in ("rtn", "signround")]
+        runs = [("none", "original")] + [(str(b), a) for b in args.bits for a in algorithms(0)]
         for b, a in runs:
             cmd = [sys.executable, __file__, "--one", m, b, a, "--iters", str(args.iters), "--nsamples", str(args.nsamples)]
             out = subprocess.run(cmd, capture_output=True, text=True)
@@ -114,7 +126,7 @@ def markdown(rows, args) -> str:
     ]
     for r in rows:
         rec = ""
-        if r["algorithm"] == "signround":
+        if r["algorithm"] not in ("rtn", "original"):
             lost = rtn[(r["model"], r["scheme"])] - orig[r["model"]]
             rec = f"{(rtn[(r['model'], r['scheme'])] - r['ppl']) / lost:.0%}" if lost > 0 else "n/a"
         lines.append(

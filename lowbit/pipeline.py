@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.algorithms import BlockData, get_algorithm
+from lowbit.algorithms.prescale import InputEnergy
 from lowbit.calib import calibration_windows, windows_hash
 from lowbit.errors import LowbitError
 from lowbit.model import (
@@ -130,8 +131,9 @@ def quantize(
         data = None
         if algo.needs_data:
             batch = getattr(algo, "batch_size", 8)
+            energy = InputEnergy(block_layers[i]) if algo_needs_importance(algo, layers) else None
             targets = run_block(block, fp_in, kwargs[i], batch)
-            data = BlockData(q_in, kwargs[i], targets)
+            data = BlockData(q_in, kwargs[i], targets, energy.remove() if energy else None)
         result = algo.quantize_block(block, layers, data, seed=seed + i)
         with torch.no_grad():
             for n, (lin, _) in layers.items():
@@ -161,6 +163,11 @@ def quantize(
     report["unquantized"] = sorted(n for n in weight_modules(model) if n not in quantized)
     report["seconds"] = time.perf_counter() - t_start
     return QuantizeResult(model, tokenizer, quantized, report)
+
+
+def algo_needs_importance(algo, layers) -> bool:
+    needs = getattr(algo, "needs_importance", None)
+    return bool(needs and needs([s for _, s in layers.values()]))
 
 
 @torch.no_grad()

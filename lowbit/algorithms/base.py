@@ -14,11 +14,13 @@ from lowbit.schemes import Scheme
 class BlockData:
     """Calibration data for one block: its inputs (outputs of the blocks already quantized),
     the keyword arguments it is called with, and the full-precision block's outputs on
-    full-precision inputs (the targets)."""
+    full-precision inputs (the targets); optionally, per Linear, the mean x^2 of its input
+    channels (for algorithms that weight errors by activation energy)."""
 
     inputs: torch.Tensor  # [n, seqlen, hidden]
     kwargs: dict
     targets: torch.Tensor  # [n, seqlen, hidden]
+    importance: dict[str, torch.Tensor] | None = None  # layer name -> [in_features]
 
 
 @dataclass

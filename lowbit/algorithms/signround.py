@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
+from lowbit.algorithms.prescale import search_range_factors
 from lowbit.model import block_output
 from lowbit.qdq import fake_quantize_groups, from_groups, n_groups, quantize, to_groups
 
@@ -30,6 +31,10 @@ class SignRound:
     lr: float | None = None  # None: 1 / iters
     batch_size: int = 8
     tune_minmax: bool = True  # learn the per-group min/max factors, not only V
+    # Start from an activation-weighted search of each group's range (SignRoundV2); None: for
+    # layers of 3 bits or fewer, where it helps (BENCHMARKS.md).
+    prescale: bool | None = None
+    minmax_max: float = 1.0  # upper bound of the min/max factors (1: the range only shrinks)
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -44,6 +49,12 @@ class SignRound:
         if self.lr is not None and self.lr <= 0:
             raise LowbitError(f"lr must be positive, got {self.lr}")
 
+    def uses_prescale(self, bits: int) -> bool:
+        return self.prescale if self.prescale is not None else bits <= 3
+
+    def needs_importance(self, schemes) -> bool:
+        return any(self.uses_prescale(s.bits) for s in schemes)
+
     def quantize_block(self, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
         return signround_block(self, block, layers, data, seed)
 
@@ -51,22 +62,25 @@ class SignRound:
 class _Bucket:
     """The layers of one (group size, symmetry), their groups stacked as rows of one tensor."""
 
-    def __init__(self, group_size: int, sym: bool, items):
+    def __init__(self, group_size: int, sym: bool, items, init_factors: dict):
         self.group_size, self.sym = group_size, sym
         self.slices = []  # (name, start row, end row, out_features, in_features)
-        rows, bits, start = [], [], 0
+        rows, bits, factors, start = [], [], [], 0
         for name, lin, scheme in items:
             out_f, in_f = lin.weight.shape
             wg = to_groups(lin.weight.detach().float(), group_size)
             rows.append(wg.reshape(-1, wg.shape[-1]))
-            bits.append(torch.full((rows[-1].shape[0], 1), float(scheme.bits)))
-            self.slices.append((name, start, start + rows[-1].shape[0], out_f, in_f))
-            start += rows[-1].shape[0]
+            n = rows[-1].shape[0]
+            bits.append(torch.full((n, 1), float(scheme.bits)))
+            f = init_factors.get(name)
+            factors.append(f.reshape(n, 1) if f is not None else torch.ones(n, 1, device=wg.device))
+            self.slices.append((name, start, start + n, out_f, in_f))
+            start += n
         self.w = torch.cat(rows)
         self.bits = torch.cat(bits).to(self.w.device)
         self.v = torch.zeros_like(self.w, requires_grad=True)
-        self.mn = torch.ones(len(self.w), 1, device=self.w.device, requires_grad=True)
-        self.mx = torch.ones(len(self.w), 1, device=self.w.device, requires_grad=True)
+        self.mn = torch.cat(factors).requires_grad_(True)
+        self.mx = torch.cat(factors).requires_grad_(True)
 
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
@@ -91,11 +105,20 @@ class _Bucket:
         return out
 
 
-def _buckets(layers: LayerMap) -> list[_Bucket]:
+def _buckets(layers: LayerMap, init_factors: dict) -> list[_Bucket]:
     by_key: dict = {}
     for name, (lin, s) in layers.items():
         by_key.setdefault((s.group_size, s.sym), []).append((name, lin, s))
-    return [_Bucket(g, sym, items) for (g, sym), items in by_key.items()]
+    return [_Bucket(g, sym, items, init_factors) for (g, sym), items in by_key.items()]
+
+
+def _prescale(cfg: SignRound, layers: LayerMap, importance: dict | None) -> dict:
+    """Initial min/max factors per layer [out, n_groups] from the weighted range search."""
+    return {
+        name: search_range_factors(lin.weight, s.bits, s.group_size, s.sym, (importance or {}).get(name))
+        for name, (lin, s) in layers.items()
+        if cfg.uses_prescale(s.bits)
+    }
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):
@@ -109,7 +132,7 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
 
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
     t0 = time.perf_counter()
-    buckets = _buckets(layers)
+    buckets = _buckets(layers, _prescale(cfg, layers, data.importance))
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
     lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
@@ -140,8 +163,8 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
                 for b in buckets:
                     b.v.sub_(step * b.v.grad.sign()).clamp_(-0.5, 0.5)
                     if cfg.tune_minmax:
-                        b.mn.sub_(step * b.mn.grad.sign()).clamp_(0, 1)
-                        b.mx.sub_(step * b.mx.grad.sign()).clamp_(0, 1)
+                        b.mn.sub_(step * b.mn.grad.sign()).clamp_(0, cfg.minmax_max)
+                        b.mx.sub_(step * b.mx.grad.sign()).clamp_(0, cfg.minmax_max)
                 for p in params:
                     p.grad = None
     finally:
