@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
 from lowbit.errors import LowbitError
 
 
@@ -13,6 +14,18 @@ def _add_eval_args(p, text_flag: str, required: bool = False):
     p.add_argument(text_flag, dest="text", required=required, help="text file to measure perplexity on (.txt, .jsonl, .parquet)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def _add_alloc_args(p, required: bool = False):
+    p.add_argument("--target-bits", type=float, required=required, default=None,
+                   help="average bits per weight, scales and zero points included")
+    p.add_argument("--options", default="W2A16,W4A16,W8A16", help="schemes a layer may take (default W2A16,W4A16,W8A16)")
+    p.add_argument("--metric", default="deltaloss", help="deltaloss (default), hessian or output_mse")
+    p.add_argument("--solver", default="dp", help="dp (exact, default) or milp (needs scipy)")
+    p.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different schemes")
+    p.add_argument("--fix", action="append", default=[], metavar="LAYER=SCHEME",
+                   help="force a layer (name or regex) to a scheme; repeatable")
+    p.add_argument("--min-bits", type=int, default=None, help="drop options below this bit width")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-lm-head", action="store_true", help="also round lm_head (kept in full precision by default)")
     q.add_argument("--device", default=None, help="cpu (default) or cuda")
     q.add_argument("--quiet", action="store_true", help="no progress output")
+    q.add_argument("--plan", default=None, help="per-layer schemes from a plan file (lowbit plan)")
+    _add_alloc_args(q)
     _add_eval_args(q, "--eval-text")
+
+    pl = sub.add_parser("plan", help="allocate bits per layer under an average-bit budget")
+    pl.add_argument("model", help="local model folder")
+    pl.add_argument("--dataset", required=True, help="calibration text for the sensitivity metric")
+    pl.add_argument("--nsamples", type=int, default=16, help="calibration windows for the metric (default 16)")
+    pl.add_argument("--seqlen", type=int, default=2048)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--out", required=True, help="plan file to write (.json)")
+    pl.add_argument("--overwrite", action="store_true")
+    pl.add_argument("--png", default=None, help="also draw the sensitivities and the choice (needs matplotlib)")
+    _add_alloc_args(pl, required=True)
 
     e = sub.add_parser("eval", help="perplexity of a model folder on a text")
     e.add_argument("model", help="local model folder (original or quantized)")
@@ -70,28 +96,88 @@ def cmd_quantize(args) -> None:
     if args.text is not None and not os.path.isfile(args.text):
         raise LowbitError(f"evaluation text not found: {args.text}")
     nsamples = args.nsamples if args.nsamples is not None else pipe_preset["nsamples"]
+    if args.plan and args.target_bits is not None:
+        raise LowbitError("give --plan or --target-bits, not both")
+    plan = read_plan(args.plan) if args.plan else None
 
     model, tokenizer = load_model(args.model)
     seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
     if seqlen != args.seqlen:
         _say(args, f"seqlen capped at the model's context: {seqlen}")
     before = _eval(model, tokenizer, args) if args.text else None
+    if args.target_bits is not None:
+        plan = _make_plan(model, tokenizer, args, min(nsamples, 16), seqlen)
+    overrides = None
+    if plan is not None:
+        overrides = plan_schemes(plan)
+        unknown = sorted(set(overrides) - set(block_layers(model)))
+        if unknown:
+            raise LowbitError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
+        _say(args, f"plan: {plan.get('achieved_bits', float('nan')):.3f} average bits over {len(overrides)} layers")
     _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)})")
     result = lowbit.quantize(
         model, scheme, algo, args.dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
-        seed=args.seed, lm_head=args.quantize_lm_head, device=args.device, progress=not args.quiet,
+        seed=args.seed, overrides=overrides, lm_head=args.quantize_lm_head, device=args.device,
+        progress=not args.quiet,
     )
+    if plan is not None:
+        result.report["plan"] = plan
     if args.text:
         after = _eval(model, tokenizer, args)
         result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
                                  "windows": after["windows"], "seqlen": min(args.eval_seqlen, seqlen_of(model))}
     out = save_fake(result, args.out, overwrite=args.overwrite)
     n_q, n_u = len(result.layers), len(result.report["unquantized"])
-    print(f"quantized {n_q} layers to {scheme.name} in {result.report['seconds']:.1f}s; "
+    target = "the plan's schemes" if plan is not None else scheme.name
+    print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
           f"left in full precision: {', '.join(result.report['unquantized']) or 'none'} ({n_u})")
     if args.text:
         print(f"perplexity on {args.text}: original {before['ppl']:.4f}, quantized {after['ppl']:.4f}")
     print(f"wrote {out}")
+
+
+def _make_plan(model, tokenizer, args, nsamples: int, seqlen: int) -> dict:
+    from lowbit.calib import calibration_windows
+
+    if args.dataset is None:
+        raise LowbitError("--dataset is required to allocate bits")
+    fixed = {}
+    for item in args.fix:
+        layer, sep, scheme = item.partition("=")
+        if not sep:
+            raise LowbitError(f"--fix takes LAYER=SCHEME, got {item!r}")
+        fixed[layer] = scheme
+    windows = calibration_windows(tokenizer, args.dataset, nsamples, seqlen, args.seed)
+    _say(args, f"scoring layers with {args.metric} on {len(windows)} windows, solving with {args.solver}")
+    plan = make_plan(model, args.options, args.target_bits, windows, metric=args.metric, solver=args.solver,
+                     tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits)
+    _say(args, f"plan: {plan['achieved_bits']:.3f} average bits (target {args.target_bits}); "
+               f"metric {plan['seconds']['metric']:.1f}s, solver {plan['seconds']['solve']:.2f}s")
+    return plan
+
+
+def cmd_plan(args) -> None:
+    from lowbit.export.fake import check_out_dir
+    from lowbit.model import load_model
+
+    check_out_dir(args.out, args.overwrite)
+    if args.png:
+        check_out_dir(args.png, args.overwrite)
+    model, tokenizer = load_model(args.model)
+    seqlen = min(args.seqlen, seqlen_of(model))
+    plan = _make_plan(model, tokenizer, args, args.nsamples, seqlen)
+    write_plan(plan, args.out)
+    counts = {}
+    for entry in plan["layers"].values():
+        counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
+    print(f"plan for {len(plan['layers'])} layers: {', '.join(f'{n} x {o}' for o, n in counts.items())}; "
+          f"{plan['achieved_bits']:.3f} average bits (target {args.target_bits})")
+    print(f"wrote {args.out}")
+    if args.png:
+        from lowbit.allocate.picture import draw_plan
+
+        draw_plan(plan, args.png)
+        print(f"wrote {args.png}")
 
 
 def seqlen_of(model) -> int:
@@ -131,7 +217,7 @@ def cmd_eval(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
@@ -57,9 +58,18 @@ PRESETS = {
 }
 
 
+_NAME = re.compile(r"W(\d+)A16(?:G(\d+)|(PC))?(-ASYM)?")
+
+
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
-    """A preset by name (case-insensitive), with the group size or symmetry overridden if given."""
-    key = name.upper()
-    if key not in PRESETS:
-        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)})")
-    return PRESETS[key].replace(group_size=group_size, sym=sym)
+    """A scheme by name (case-insensitive): a preset, or any W<bits>A16[G<group>|PC][-asym]
+    (group 128 when not named), with the group size or symmetry overridden if given."""
+    key = name.strip().upper()
+    m = _NAME.fullmatch(key)
+    if key not in PRESETS and not m:
+        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)}; or e.g. W3A16G64, W4A16PC-asym)")
+    if key in PRESETS:
+        base = PRESETS[key]
+    else:
+        base = Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else (-1 if m.group(3) else 128), not m.group(4))
+    return base.replace(group_size=group_size, sym=sym)

@@ -130,3 +130,12 @@ def test_bits_tensor_matches_int_bits():
     n2 = w2.numel() // 32
     assert torch.equal(both[:n2], fake_quantize_groups(w2, 2, True).reshape(-1, 32))
     assert torch.equal(both[n2:], fake_quantize_groups(w4, 4, True).reshape(-1, 32))
+
+
+def test_scheme_names_round_trip():
+    from lowbit.schemes import PRESETS, Scheme, get_scheme
+
+    for s in [Scheme(3, 64), Scheme(8, 32, False), Scheme(2, -1), Scheme(4, 128, False), *PRESETS.values()]:
+        assert get_scheme(s.name) == s
+    assert get_scheme("w2a16g32") == Scheme(2, 32)
+    assert get_scheme("W4A16", group_size=-1, sym=False) == Scheme(4, -1, False)

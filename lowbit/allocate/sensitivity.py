@@ -1,0 +1,140 @@
+"""Sensitivity of each layer to each quantization option: one small function per metric, all with
+the same signature (model, layers, options, windows) -> {layer: {option name: score}}.
+Larger means quantizing that layer with that option hurts more.
+
+- deltaloss (SignRoundV2): quantize every layer with the option, run the language-model loss
+  forward and backward, score sum |dL/dW_q * (W - Q(W))|: a first-order estimate of the loss change.
+- hessian: sum_j E[x_j^2] * ||W[:, j] - Q(W)[:, j]||^2, the diagonal of X^T X weighting the error
+  (the GPTQ/HAWQ-style proxy).
+- output_mse: each layer quantized alone, the mean squared error of its block's output.
+
+The options are quantized by round to nearest, or by the activation-weighted range search when
+prescale is on, so the scores describe what the tuning starts from.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lowbit.algorithms.prescale import InputEnergy, search_range_factors
+from lowbit.model import capture_block_inputs, run_block
+from lowbit.qdq import quantize
+from lowbit.schemes import Scheme
+
+
+def quantized_weight(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None, prescale: bool) -> torch.Tensor:
+    f = search_range_factors(w, scheme.bits, scheme.group_size, scheme.sym, importance) if prescale else None
+    return quantize(w, scheme.bits, scheme.group_size, scheme.sym, min_scale=f, max_scale=f).dequantize(w.dtype)
+
+
+@torch.no_grad()
+def input_energy(model: nn.Module, layers: dict[str, nn.Linear], windows: torch.Tensor, batch_size: int = 8) -> dict:
+    """Mean x^2 per input channel of each layer over the windows (one forward pass)."""
+    energy = InputEnergy(layers)
+    try:
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=windows[i : i + batch_size], use_cache=False)
+    finally:
+        imp = energy.remove()
+    return imp
+
+
+def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
+              *, blocks=None, prescale: bool = False, batch_size: int = 4) -> dict:
+    imp = input_energy(model, layers, windows) if prescale else {}
+    originals = {n: lin.weight.detach().clone() for n, lin in layers.items()}
+    scores = {n: {} for n in layers}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with _checkpointed(blocks):
+            for opt, scheme in options.items():
+                with torch.no_grad():
+                    for n, lin in layers.items():
+                        lin.weight.copy_(quantized_weight(originals[n], scheme, imp.get(n), prescale))
+                        lin.weight.requires_grad_(True)
+                        lin.weight.grad = None
+                for i in range(0, len(windows), batch_size):
+                    ids = windows[i : i + batch_size]
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    (loss * len(ids) / len(windows)).backward()
+                for n, lin in layers.items():
+                    scores[n][opt] = (lin.weight.grad * (originals[n] - lin.weight.detach())).abs().sum().item()
+    finally:
+        with torch.no_grad():
+            for n, lin in layers.items():
+                lin.weight.requires_grad_(False)
+                lin.weight.grad = None
+                lin.weight.copy_(originals[n])
+        for p in frozen:
+            p.requires_grad_(True)
+    return scores
+
+
+class _checkpointed:
+    """Run each block under activation checkpointing, so backward holds one block's activations."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks) if blocks is not None else []
+
+    def __enter__(self):
+        self.saved = [b.__dict__.get("forward") for b in self.blocks]
+        for b in self.blocks:
+            inner = b.forward
+
+            def forward(*args, _inner=inner, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            b.forward = forward
+
+    def __exit__(self, *exc):
+        for b, f in zip(self.blocks, self.saved):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+
+
+@torch.no_grad()
+def hessian(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
+            *, blocks=None, prescale: bool = False) -> dict:
+    imp = input_energy(model, layers, windows)
+    scores = {}
+    for n, lin in layers.items():
+        w = lin.weight.detach()
+        scores[n] = {
+            opt: ((quantized_weight(w, s, imp[n], prescale) - w).pow(2).sum(0) * imp[n]).sum().item()
+            for opt, s in options.items()
+        }
+    return scores
+
+
+@torch.no_grad()
+def output_mse(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
+               *, blocks=None, prescale: bool = False, batch_size: int = 8) -> dict:
+    """Blocks run on full-precision inputs; each layer is swapped for its quantized weight alone."""
+    imp = input_energy(model, layers, windows) if prescale else {}
+    x, kwargs = capture_block_inputs(model, blocks, windows, windows.device)
+    by_block = {}
+    for i, b in enumerate(blocks):
+        mods = {id(m) for m in b.modules()}
+        by_block[i] = [n for n, lin in layers.items() if id(lin) in mods]
+    scores = {n: {} for n in layers}
+    for i, block in enumerate(blocks):
+        target = run_block(block, x, kwargs[i], batch_size)
+        for n in by_block[i]:
+            lin = layers[n]
+            original = lin.weight.detach().clone()
+            for opt, s in options.items():
+                lin.weight.copy_(quantized_weight(original, s, imp.get(n), prescale))
+                scores[n][opt] = (run_block(block, x, kwargs[i], batch_size) - target).pow(2).mean().item()
+            lin.weight.copy_(original)
+        x = target
+    return scores
+
+
+METRICS = {"deltaloss": deltaloss, "hessian": hessian, "output_mse": output_mse}

@@ -1,0 +1,117 @@
+"""Sensitivity metrics and plans on stories260K, and the plan flow through the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, tied_groups, write_plan
+from lowbit.allocate.sensitivity import METRICS
+from lowbit.calib import make_windows, tokenize
+from lowbit.errors import LowbitError
+from lowbit.model import find_blocks, load_model
+from lowbit.schemes import get_scheme
+
+from conftest import STORIES, TINYSTORIES
+
+OPTIONS = {n: get_scheme(n, group_size=32) for n in ("W2A16", "W4A16", "W8A16")}
+
+
+@pytest.fixture(scope="module")
+def windows(stories_text):
+    _, tok = load_model(STORIES)
+    return make_windows(tokenize(tok, stories_text[0]), 8, 256, seed=0)
+
+
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_metric_finite_and_larger_for_fewer_bits(metric, windows):
+    model, _ = load_model(STORIES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = block_layers(model)
+    scores = METRICS[metric](model, layers, {o.name: o for o in OPTIONS.values()}, windows, blocks=find_blocks(model)[1])
+    assert set(scores) == set(layers) and len(layers) == 35
+    names = [o.name for o in OPTIONS.values()]  # W2, W4, W8 at group 32
+    for n, s in scores.items():
+        vals = [s[o] for o in names]
+        assert all(torch.isfinite(torch.tensor(v)) and v >= 0 for v in vals), (n, s)
+        assert vals[0] > vals[2], (n, s)
+    ordered = sum(s[names[0]] > s[names[1]] > s[names[2]] for s in scores.values())
+    assert ordered >= 0.9 * len(scores)
+    # the model is left as it was
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_plan_budget_ties_fixed_and_file(tmp_path, windows):
+    model, _ = load_model(STORIES)
+    fixed = {r"model\.layers\.0\.mlp\.down_proj": "W8A16G32"}
+    plan = make_plan(model, list(OPTIONS.values()), 3.5, windows, metric="hessian", fixed=fixed)
+    assert plan["achieved_bits"] <= 3.5
+    assert plan["achieved_bits"] > 3.0  # the budget is used, not wasted
+    chosen = {n: e["scheme"] for n, e in plan["layers"].items()}
+    assert chosen["model.layers.0.mlp.down_proj"] == "W8A16G32"
+    groups = tied_groups(list(chosen))
+    assert len(groups) == 10  # q/k/v and gate/up in each of 5 blocks
+    for g in groups:
+        assert len({chosen[n] for n in g}) == 1
+    assert len(set(chosen.values())) > 1  # really mixed
+    path = tmp_path / "plan.json"
+    write_plan(plan, path)
+    again = read_plan(path)
+    assert plan_schemes(again) == plan_schemes(plan)
+    assert plan_schemes(again)["model.layers.0.mlp.down_proj"].bits == 8
+    # hand edit with a dict scheme
+    again["layers"]["model.layers.1.mlp.down_proj"]["scheme"] = {"bits": 3, "group_size": 64, "sym": False}
+    assert plan_schemes(again)["model.layers.1.mlp.down_proj"].group_size == 64
+
+
+def test_budget_too_low(windows):
+    model, _ = load_model(STORIES)
+    with pytest.raises(LowbitError, match="budget"):
+        make_plan(model, list(OPTIONS.values()), 1.5, windows, metric="hessian")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_plan_then_quantize_cli(tmp_path):
+    plan_file, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    r = cli("plan", STORIES, "--dataset", TINYSTORIES, "--nsamples", 4, "--seqlen", 128, "--target-bits", 3.0,
+            "--options", "W2A16G32,W4A16G32,W8A16G32", "--out", plan_file, "--png", png)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(plan_file.read_text())
+    assert plan["achieved_bits"] <= 3.0 and plan["metric"] == "deltaloss"
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    out = tmp_path / "q"
+    r = cli("quantize", STORIES, "--plan", plan_file, "--dataset", TINYSTORIES, "--nsamples", 8, "--seqlen", 128,
+            "--iters", 5, "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "quantization.json").read_text())
+    for n, layer in report["layers"].items():
+        assert layer["bits"] == plan["options"][plan["layers"][n]["scheme"]]["bits"]
+    assert report["plan"]["achieved_bits"] == plan["achieved_bits"]
+
+    # one call: allocate and quantize
+    out2 = tmp_path / "q2"
+    r = cli("quantize", STORIES, "--target-bits", 3.0, "--options", "W2A16G32,W4A16G32,W8A16G32",
+            "--metric", "hessian", "--dataset", TINYSTORIES, "--nsamples", 8, "--seqlen", 128, "--iters", 5,
+            "--out", out2, "--quiet")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out2 / "quantization.json").read_text())
+    assert report["plan"]["achieved_bits"] <= 3.0 and len({l["bits"] for l in report["layers"].values()}) > 1
+
+
+def test_bad_plan(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"layers": {"model.layers.99.mlp.down_proj": {"scheme": "W4A16"}}}))
+    r = cli("quantize", STORIES, "--plan", bad, "--algorithm", "rtn", "--out", tmp_path / "q")
+    assert r.returncode == 2 and "layers this model does not have" in r.stderr
+    bad.write_text("{not json")
+    r = cli("quantize", STORIES, "--plan", bad, "--algorithm", "rtn", "--out", tmp_path / "q")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    assert not (tmp_path / "q").exists()
