@@ -69,16 +69,19 @@ def avg_bits(model, schemes: dict) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--targets", nargs="+", type=float, default=[2.5, 3.0, 3.5])
+    p.add_argument("--targets", nargs="+", type=float, default=[2.5, 2.75, 3.0, 3.5],
+                   help="average bits; those below the cheapest plan (all W2) are skipped and said so")
     p.add_argument("--metrics", nargs="+", default=list(METRICS))
     p.add_argument("--iters", type=int, default=50, help="SignRound iterations for every row (default 50)")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--metric-samples", type=int, default=16, help="calibration windows for the metrics")
+    p.add_argument("--metric-prescale", action="store_true",
+                   help="score the options as prescaled (activation-weighted range) rather than rounded")
     p.add_argument("--out", default=os.path.join(HERE, "results", "allocate"))
     args = p.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     torch.manual_seed(0)
-    rows = []
+    rows, skipped = [], []
 
     for m in args.models:
         folder, group, calib, evaluation, n_eval = MODELS[m]
@@ -112,10 +115,16 @@ def main():
             t0 = time.perf_counter()
             layers = block_layers(model)
             scores[metric] = METRICS[metric](model, layers, options, windows[: args.metric_samples],
-                                             blocks=find_blocks(model)[1])
+                                             blocks=find_blocks(model)[1], prescale=args.metric_prescale)
             scores[metric + "_s"] = time.perf_counter() - t0
         w3_bits = avg_bits(model, dict.fromkeys(names, by_bits[3]))
+        w2_bits = avg_bits(model, dict.fromkeys(names, by_bits[2]))
         for target in sorted(set(args.targets) | {round(w3_bits, 3)}):
+            if target < w2_bits:
+                print(f"{m}: target {target} skipped, below the cheapest plan (all W2: {w2_bits:.3f} bits)",
+                      file=sys.stderr)
+                skipped.append(f"{m} {target}")
+                continue
             schemes, _ = first_last_plan(model, options, target)
             run("mixed", "first_last", schemes, target, 0.0)
             for metric in args.metrics:
@@ -128,7 +137,8 @@ def main():
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}. Every row: SignRound "
         f"iters {args.iters} (prescale at <= 3 bits), nsamples {args.nsamples}, seqlen {SEQLEN}; options W2/W3/W4/W8 "
-        f"at the model's group size; q/k/v and gate/up tied; metrics on {args.metric_samples} windows; solver dp. "
+        f"at the model's group size; q/k/v and gate/up tied; metrics on {args.metric_samples} windows"
+        f"{' (options prescaled)' if args.metric_prescale else ' (options rounded to nearest)'}; solver dp. "
         "Average bits count the fp16 scale and the zero point of every group.",
         "",
         "| model | plan | metric | target bits | average bits | perplexity | allocation time (s) | quantize time (s) |",
@@ -138,6 +148,8 @@ def main():
         t = "" if r["target_bits"] is None else f"{r['target_bits']:g}"
         lines.append(f"| {r['model']} | {r['plan']} | {r['metric']} | {t} | {r['avg_bits']:.3f} | {r['ppl']:.3f} | "
                      f"{r['alloc_s']:.1f} | {r['quantize_s']:.1f} |")
+    if skipped:
+        lines += ["", f"Skipped (below the cheapest plan once scales are counted): {', '.join(skipped)}."]
     table = "\n".join(lines) + "\n"
     with open(args.out + ".md", "w") as f:
         f.write(table)
