@@ -77,15 +77,22 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "lowbit.cli", *map(str, args)], capture_output=True, text=True)
 
 
-def test_plan_then_quantize_cli(tmp_path):
-    plan_file, png = tmp_path / "plan.json", tmp_path / "plan.png"
+def test_plan_picture(tmp_path):
+    pytest.importorskip("matplotlib", reason="lowbit plan --png needs matplotlib (pip install -e '.[allocate]')")
+    png = tmp_path / "plan.png"
     r = cli("plan", STORIES, "--dataset", TINYSTORIES, "--nsamples", 4, "--seqlen", 128, "--target-bits", 3.0,
-            "--options", "W2A16G32,W4A16G32,W8A16G32", "--out", plan_file, "--png", png)
+            "--options", "W2A16G32,W4A16G32", "--metric", "hessian", "--out", tmp_path / "p.json", "--png", png)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+def test_plan_then_quantize_cli(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    r = cli("plan", STORIES, "--dataset", TINYSTORIES, "--nsamples", 4, "--seqlen", 128, "--target-bits", 3.0,
+            "--options", "W2A16G32,W4A16G32,W8A16G32", "--out", plan_file)
     assert r.returncode == 0, r.stderr
     plan = json.loads(plan_file.read_text())
     assert plan["achieved_bits"] <= 3.0 and plan["metric"] == "deltaloss"
-    pytest.importorskip("matplotlib")
-    assert png.read_bytes()[:4] == b"\x89PNG"
 
     out = tmp_path / "q"
     r = cli("quantize", STORIES, "--plan", plan_file, "--dataset", TINYSTORIES, "--nsamples", 8, "--seqlen", 128,
