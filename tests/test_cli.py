@@ -61,11 +61,12 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     assert json.loads(e.stdout)["ppl"] == pytest.approx(ppl_q, rel=1e-5)
 
 
-def test_rtn_needs_no_dataset(tmp_path):
+def test_rtn_needs_no_dataset_and_parents_are_created(tmp_path):
     need_assets()
-    r = lowbit("quantize", STORIES, "--algorithm", "rtn", "--scheme", "W8A16", "--out", tmp_path / "q", "--quiet")
+    out = tmp_path / "new" / "dir" / "q"
+    r = lowbit("quantize", STORIES, "--algorithm", "rtn", "--scheme", "W8A16", "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "q" / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists()
 
 
 def corrupt_model(tmp_path):

@@ -3,6 +3,7 @@ read and edit. make_plan scores the layers with a metric and solves the budget w
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -144,6 +145,7 @@ def plan_schemes(plan: dict) -> dict[str, Scheme]:
 
 
 def write_plan(plan: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(plan, f, indent=2)
 

@@ -18,14 +18,17 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
     if os.path.exists(out_dir) and not overwrite:
         raise LowbitError(f"output folder already exists: {out_dir} (use --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    if not os.path.isdir(parent):
-        raise LowbitError(f"parent of the output folder does not exist: {parent}")
+    while not os.path.exists(parent):  # missing parents are created when writing
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise LowbitError(f"cannot create the output folder under {parent}")
 
 
 def save_fake(result, out_dir: str, overwrite: bool = False) -> str:
     """Write the folder atomically: into a temporary sibling, renamed at the end."""
     check_out_dir(out_dir, overwrite)
     out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".lowbit-tmp-", dir=os.path.dirname(out_dir))
     try:
         result.model.save_pretrained(tmp)
