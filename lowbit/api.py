@@ -6,6 +6,10 @@ from lowbit.eval.perplexity import perplexity
 from lowbit.model import load_model
 
 
+def context_length(model, default: int = 2048) -> int:
+    return getattr(model.config, "max_position_embeddings", default) or default
+
+
 def load(path: str):
     """(model, tokenizer) of a local folder, original or written by lowbit (fake format)."""
     return load_model(path)
@@ -15,5 +19,5 @@ def evaluate(model, text_file: str, *, tokenizer=None, seqlen: int = 2048, max_w
     """Perplexity of a model (a module or a folder) on a text file: {"ppl", "nll", "windows", "tokens"}."""
     if isinstance(model, str):
         model, tokenizer = load_model(model)
-    seqlen = min(seqlen, getattr(model.config, "max_position_embeddings", seqlen) or seqlen)
+    seqlen = min(seqlen, context_length(model))
     return perplexity(model, tokenizer, read_text(text_file), seqlen=seqlen, max_windows=max_windows)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from lowbit.api import context_length
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
 from lowbit.errors import LowbitError
 
@@ -103,7 +104,7 @@ def cmd_quantize(args) -> None:
     plan = read_plan(args.plan) if args.plan else None
 
     model, tokenizer = load_model(args.model)
-    seqlen = min(args.seqlen, getattr(model.config, "max_position_embeddings", args.seqlen) or args.seqlen)
+    seqlen = min(args.seqlen, context_length(model))
     if seqlen != args.seqlen:
         _say(args, f"seqlen capped at the model's context: {seqlen}")
     before = _eval(model, tokenizer, args) if args.text else None
@@ -127,7 +128,7 @@ def cmd_quantize(args) -> None:
     if args.text:
         after = _eval(model, tokenizer, args)
         result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
-                                 "windows": after["windows"], "seqlen": min(args.eval_seqlen, seqlen_of(model))}
+                                 "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
     out = save_fake(result, args.out, overwrite=args.overwrite)
     n_q, n_u = len(result.layers), len(result.report["unquantized"])
     target = "the plan's schemes" if plan is not None else scheme.name
@@ -166,7 +167,7 @@ def cmd_plan(args) -> None:
     if args.png:
         check_out_dir(args.png, args.overwrite)
     model, tokenizer = load_model(args.model)
-    seqlen = min(args.seqlen, seqlen_of(model))
+    seqlen = min(args.seqlen, context_length(model))
     plan = _make_plan(model, tokenizer, args, args.nsamples, seqlen)
     write_plan(plan, args.out)
     counts = {}
@@ -182,16 +183,10 @@ def cmd_plan(args) -> None:
         print(f"wrote {args.png}")
 
 
-def seqlen_of(model) -> int:
-    return getattr(model.config, "max_position_embeddings", 2048) or 2048
-
-
 def _eval(model, tokenizer, args) -> dict:
-    from lowbit.calib import read_text
-    from lowbit.eval import perplexity
+    from lowbit.api import evaluate
 
-    seqlen = min(args.eval_seqlen, seqlen_of(model))
-    return perplexity(model, tokenizer, read_text(args.text), seqlen=seqlen, max_windows=args.eval_windows)
+    return evaluate(model, args.text, tokenizer=tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows)
 
 
 def _describe(algo) -> str:

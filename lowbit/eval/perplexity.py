@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lowbit.calib import read_text, tokenize
+from lowbit.calib import tokenize
 from lowbit.errors import LowbitError
 
 
@@ -45,6 +45,3 @@ def perplexity(
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "tokens": count}
 
-
-def perplexity_of_file(model, tokenizer, path: str, **kw) -> dict:
-    return perplexity(model, tokenizer, read_text(path), **kw)

@@ -101,31 +101,19 @@ def fake_quantize_groups(
     v: torch.Tensor | None = None,
     min_scale: torch.Tensor | None = None,
     max_scale: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize grouped weights [..., g], differentiable (STE) in wg, v and the factors.
 
     v: rounding offset, same shape as wg (SignRound's V, kept in [-0.5, 0.5]).
-    scale: an initial scale to use instead of the min/max one (then zero follows from it).
     """
     bits_t = torch.as_tensor(bits, device=wg.device, dtype=wg.dtype)
     maxq = 2**bits_t - 1
-    if scale is None:
-        scale, zero = group_params(wg, bits_t, sym, min_scale, max_scale)
-    else:
-        zero = _zero_for_scale(wg, scale, bits_t, sym)
+    scale, zero = group_params(wg, bits_t, sym, min_scale, max_scale)
     x = wg / scale
     if v is not None:
         x = x + v
     q = torch.minimum((round_ste(x) + zero).clamp(min=0), maxq)
     return (q - zero) * scale
-
-
-def _zero_for_scale(wg, scale, bits_t, sym):
-    if sym:
-        return torch.zeros_like(scale) + 2 ** (bits_t - 1)
-    wmin = wg.amin(dim=-1, keepdim=True).clamp(max=0)
-    return (-wmin / scale).round().detach()
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
