@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from lowbit.calib import read_text
 from lowbit.eval.perplexity import perplexity
-from lowbit.model import load_model
 
 
 def context_length(model, default: int = 2048) -> int:
@@ -11,13 +10,17 @@ def context_length(model, default: int = 2048) -> int:
 
 
 def load(path: str):
-    """(model, tokenizer) of a local folder, original or written by lowbit (fake format)."""
-    return load_model(path)
+    """(model, tokenizer) of a local folder: an original model, lowbit's fake format, or an
+    auto_round / gptq checkpoint (loaded with lowbit's QuantLinear: weights stay packed)."""
+    from lowbit.model import load_model
+    from lowbit.runtime.load import is_packed, load_packed
+
+    return load_packed(path) if is_packed(path) else load_model(path)
 
 
 def evaluate(model, text_file: str, *, tokenizer=None, seqlen: int = 2048, max_windows: int | None = None) -> dict:
     """Perplexity of a model (a module or a folder) on a text file: {"ppl", "nll", "windows", "tokens"}."""
     if isinstance(model, str):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load(model)
     seqlen = min(seqlen, context_length(model))
     return perplexity(model, tokenizer, read_text(text_file), seqlen=seqlen, max_windows=max_windows)

@@ -29,6 +29,10 @@ def _add_alloc_args(p, required: bool = False):
     p.add_argument("--min-bits", type=int, default=None, help="drop options below this bit width")
 
 
+FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, gguf:q4_0|q8_0|q4_k|f16|f32; "
+               "several at once, comma-separated, go to one subfolder each")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default=None, help="calibration text: .txt, .jsonl, .parquet, or a datasets name")
     q.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--format", default="fake", help=FORMAT_HELP)
     q.add_argument("--quantize-lm-head", action="store_true", help="also round lm_head (kept in full precision by default)")
     q.add_argument("--device", default=None, help="cpu (default) or cuda")
     q.add_argument("--quiet", action="store_true", help="no progress output")
@@ -71,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--png", default=None, help="also draw the sensitivities and the choice (needs matplotlib)")
     _add_alloc_args(pl, required=True)
 
+    x = sub.add_parser("export", help="write a quantized folder in other formats, without re-tuning")
+    x.add_argument("model", help="a folder written by lowbit quantize (fake, auto_round or gptq)")
+    x.add_argument("--format", required=True, help=FORMAT_HELP)
+    x.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true")
+
     e = sub.add_parser("eval", help="perplexity of a model folder on a text")
     e.add_argument("model", help="local model folder (original or quantized)")
     _add_eval_args(e, "--text", required=True)
@@ -79,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_quantize(args) -> None:
     import lowbit
-    from lowbit.export import save_fake
+    from lowbit.allocate.plan import parse_options
+    from lowbit.export import check_formats, export, parse_formats
     from lowbit.export.fake import check_out_dir
     from lowbit.model import load_model
     from lowbit.pipeline import PRESETS
@@ -102,8 +114,14 @@ def cmd_quantize(args) -> None:
     if args.plan and args.target_bits is not None:
         raise LowbitError("give --plan or --target-bits, not both")
     plan = read_plan(args.plan) if args.plan else None
+    formats = parse_formats(args.format)
+    planned = [scheme] + (list(plan_schemes(plan).values()) if plan else [])
+    if args.target_bits is not None:
+        planned += list(parse_options(args.options).values())
+    check_formats(formats, planned)
 
     model, tokenizer = load_model(args.model)
+    check_formats(formats, [], model.config.model_type)
     seqlen = min(args.seqlen, context_length(model))
     if seqlen != args.seqlen:
         _say(args, f"seqlen capped at the model's context: {seqlen}")
@@ -129,7 +147,7 @@ def cmd_quantize(args) -> None:
         after = _eval(model, tokenizer, args)
         result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
                                  "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
-    out = save_fake(result, args.out, overwrite=args.overwrite)
+    out = export(result, args.out, formats, overwrite=args.overwrite)
     n_q, n_u = len(result.layers), len(result.report["unquantized"])
     target = "the plan's schemes" if plan is not None else scheme.name
     print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
@@ -200,12 +218,27 @@ def _say(args, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def cmd_export(args) -> None:
+    from lowbit.export import check_out_dir, export, parse_formats, read_quantized
+
+    formats = parse_formats(args.format)
+    check_out_dir(args.out, args.overwrite)
+    if not os.path.isdir(args.model):
+        raise LowbitError(f"model folder not found: {args.model}")
+    result = read_quantized(args.model)
+    out = export(result, args.out, formats, overwrite=args.overwrite)
+    print(f"exported {len(result.layers)} quantized layers of {args.model} as {', '.join(f.tag for f in formats)}")
+    print(f"wrote {out}")
+
+
 def cmd_eval(args) -> None:
-    from lowbit.model import load_model
+    from lowbit.api import load
 
     if not os.path.isfile(args.text):
         raise LowbitError(f"evaluation text not found: {args.text}")
-    model, tokenizer = load_model(args.model)
+    if not os.path.isdir(args.model):
+        raise LowbitError(f"model folder not found: {args.model}")
+    model, tokenizer = load(args.model)
     r = _eval(model, tokenizer, args)
     print(json.dumps({"model": args.model, "text": args.text, **r}))
     print(f"perplexity {r['ppl']:.4f} ({r['windows']} windows, {r['tokens']} tokens)", file=sys.stderr)
@@ -214,7 +247,7 @@ def cmd_eval(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan}[args.command](args)
+        {"quantize": cmd_quantize, "eval": cmd_eval, "plan": cmd_plan, "export": cmd_export}[args.command](args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

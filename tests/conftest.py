@@ -5,6 +5,7 @@ import pytest
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
 STORIES = os.path.join(ASSETS, "models", "stories260K")
 TINYSTORIES = os.path.join(ASSETS, "text", "tinystories_valid_prefix.txt")
+PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
 
 
 def need_assets():

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
@@ -24,28 +21,31 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
         raise LowbitError(f"cannot create the output folder under {parent}")
 
 
-def save_fake(result, out_dir: str, overwrite: bool = False) -> str:
-    """Write the folder atomically: into a temporary sibling, renamed at the end."""
-    check_out_dir(out_dir, overwrite)
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lowbit-tmp-", dir=os.path.dirname(out_dir))
-    try:
-        result.model.save_pretrained(tmp)
-        if result.tokenizer is not None:
-            result.tokenizer.save_pretrained(tmp)
-        tensors = {}
-        for name, q in result.layers.items():
-            tensors[f"{name}.codes"] = q.codes.contiguous()
-            tensors[f"{name}.scale"] = q.scale.float().contiguous()
-            tensors[f"{name}.zero"] = q.zero.to(q.codes.dtype).contiguous()
-        save_file(tensors, os.path.join(tmp, "quantized_weights.safetensors"))
-        with open(os.path.join(tmp, "quantization.json"), "w") as f:
-            json.dump({"format": "fake", **result.report}, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+def write_fake(model, tokenizer, layers, report: dict, folder: str) -> None:
+    """Into an existing (temporary) folder: the HF model, codes/scales/zeros, quantization.json."""
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    tensors = {}
+    for name, q in layers.items():
+        tensors[f"{name}.codes"] = q.codes.contiguous()
+        tensors[f"{name}.scale"] = q.scale.float().contiguous()
+        tensors[f"{name}.zero"] = q.zero.to(q.codes.dtype).contiguous()
+    save_file(tensors, os.path.join(folder, "quantized_weights.safetensors"))
+    with open(os.path.join(folder, "quantization.json"), "w") as f:
+        json.dump({"format": "fake", **report}, f, indent=2)
+
+
+def read_fake_layers(folder: str) -> dict:
+    """The QuantizedWeights a fake folder stores (inverse of write_fake's tensors)."""
+    from safetensors.torch import load_file
+
+    from lowbit.qdq.int import QuantizedWeight
+
+    with open(os.path.join(folder, "quantization.json")) as f:
+        meta = json.load(f)["layers"]
+    t = load_file(os.path.join(folder, "quantized_weights.safetensors"))
+    return {
+        n: QuantizedWeight(t[f"{n}.codes"], t[f"{n}.scale"], t[f"{n}.zero"].float(), m["bits"], m["group_size"], m["sym"])
+        for n, m in meta.items()
+    }

@@ -1,0 +1,81 @@
+"""QuantLinear: a Linear layer whose weight stays packed in memory (the GPTQ / auto-round layout)
+and is dequantized on the fly at each call. CPU: plain torch. CUDA: a fused Triton kernel for
+2/4/8 bits when triton is importable (lowbit.runtime.triton_matmul), else the torch path."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.qdq.int import QuantizedWeight
+from lowbit.qdq.pack import pack_gptq, unpack_rows
+
+
+def unpack_words(p: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """All values packed along `dim` of int32 words, as int32 (2/4/8 bits: no value straddles
+    words, so a shift and a mask per slot suffice; 3 bits goes through the general unpacker)."""
+    if bits == 3:
+        return unpack_rows(p, 3, dim, p.shape[dim] // 3 * 32).to(torch.int32)
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=p.device, dtype=torch.int32)
+    p = p.movedim(dim, -1).unsqueeze(-1)  # [..., words, 1]
+    v = (p >> shifts) & ((1 << bits) - 1)  # [..., words, per_word]
+    v = v.reshape(*v.shape[:-2], v.shape[-2] * per_word)
+    return v.movedim(-1, dim)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W = scales * (codes - zeros) per group of input columns.
+
+    Buffers, as in GPTQ checkpoints (zero points stored as is, "v2"):
+      qweight int32 [ceil(in/32)*bits, out], qzeros int32 [n_groups, ceil(out/32)*bits],
+      scales fp16 [n_groups, out], bias (compute dtype) or None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = True, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if group_size > 0 else in_features
+        ng = math.ceil(in_features / self.group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(math.ceil(in_features / 32) * bits, out_features, dtype=torch.int32, **kw))
+        self.register_buffer("qzeros", torch.zeros(ng, math.ceil(out_features / 32) * bits, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=torch.float16, **kw))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, dtype=torch.float32) -> "QuantLinear":
+        out_f, in_f = q.codes.shape
+        layer = cls(in_f, out_f, q.bits, q.group_size, bias is not None, dtype)
+        for k, v in pack_gptq(q).items():
+            getattr(layer, k).copy_(v)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [in, out]: the layout the matmul below consumes."""
+        codes = unpack_words(self.qweight, self.bits, 0)[: self.in_features]
+        zeros = unpack_words(self.qzeros, self.bits, 1)[:, : self.out_features]
+        scales = self.scales.to(dtype)
+        g, k = self.group_size, self.in_features
+        if k % g == 0:
+            w = (codes.view(k // g, g, -1) - zeros.unsqueeze(1)).to(dtype) * scales.unsqueeze(1)
+            return w.view(k, -1)
+        idx = torch.arange(k, device=codes.device) // g
+        return (codes - zeros[idx]).to(dtype) * scales[idx]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.bits in (2, 4, 8):
+            from lowbit.runtime import triton_matmul
+
+            if triton_matmul.available():
+                return triton_matmul.quant_matmul(x, self)
+        y = torch.matmul(x, self.dequantize(x.dtype))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
