@@ -11,6 +11,7 @@ and backward: no Python loop over layers or groups.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,6 +36,9 @@ class SignRound:
     # layers of 3 bits or fewer, where it helps (BENCHMARKS.md).
     prescale: bool | None = None
     minmax_max: float = 1.0  # upper bound of the min/max factors (1: the range only shrinks)
+    # torch.compile the quantize-dequantize (one fused kernel instead of ~20 passes over the
+    # weights); None: on for CUDA blocks, where it pays (bench/gpu.py), off on CPU.
+    compile: bool | None = None
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -85,8 +89,8 @@ class _Bucket:
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
 
-    def weights(self, dtype) -> dict[str, torch.Tensor]:
-        wq = fake_quantize_groups(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
+    def weights(self, dtype, qdq=fake_quantize_groups) -> dict[str, torch.Tensor]:
+        wq = qdq(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
         return {
             name + ".weight": from_groups(wq[a:b].view(out_f, -1, wq.shape[-1]), in_f)
             for name, a, b, out_f, in_f in self.slices
@@ -130,9 +134,16 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + batch_size]
 
 
+@functools.cache
+def _compiled_qdq():
+    return torch.compile(fake_quantize_groups, dynamic=False)
+
+
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
     t0 = time.perf_counter()
     buckets = _buckets(layers, _prescale(cfg, layers, data.importance))
+    on_cuda = buckets[0].w.is_cuda
+    qdq = _compiled_qdq() if (cfg.compile if cfg.compile is not None else on_cuda) else fake_quantize_groups
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
     lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
@@ -143,7 +154,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         p.requires_grad_(False)
 
     def loss_on(idx):
-        w = {k: v for b in buckets for k, v in b.weights(dtype).items()}
+        w = {k: v for b in buckets for k, v in b.weights(dtype, qdq).items()}
         out = block_output(functional_call(block, w, (data.inputs[idx],), data.kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 

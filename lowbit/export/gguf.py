@@ -1,0 +1,461 @@
+"""The "gguf" format: one llama.cpp GGUF file (architecture "llama" only).
+
+What is quantized, and how:
+- Only the Linear weights that lowbit quantized (the ``layers`` of a result) are written in the
+  chosen block type. Everything else keeps the model's own float values: the token embedding, the
+  norms (always f32, as llama.cpp wants), and an lm_head that lowbit did not quantize. So the file
+  computes what lowbit's fake-quantized model computes, up to the block format.
+- EXACT path: a layer quantized symmetric with 4 bits (for q4_0) or 8 bits (for q8_0) and a group
+  size that is a multiple of 32 (or per channel, -1) is stored from its integer codes and scales:
+  lowbit's symmetric codes (zero point 2^(b-1), signed scale) are exactly Q4_0's d*(q-8) and
+  Q8_0's d*int8, so the file holds lowbit's weights up to the fp16 rounding of the scales.
+- Otherwise the layer's dequantized weight is requantized with the block format's own
+  round-to-nearest (ggml's reference quantizers: quantize_row_q4_0_ref / q8_0 via the gguf
+  package, quantize_row_q4_K_ref re-implemented here in numpy).
+- A weight whose input size is not a multiple of the block size (32 for q4_0/q8_0, 256 for q4_k;
+  llama.cpp cannot store partial blocks) is written in float (the model's dtype: f32, or f16/bf16)
+  instead of refusing the whole export; the returned summary says so for every tensor.
+- llama.cpp expects q/k projection rows in its own rotary order: the rows are permuted as
+  convert_hf_to_gguf.py does (rows only, so quantized rows are permuted with their scales).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+
+QTYPES = ("q4_0", "q8_0", "q4_k", "f16", "f32")
+FLOAT_TYPES = ("f32", "f16")
+
+# HF Llama parameter name (after "model.layers.N.") -> GGUF name (after "blk.N.")
+_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise LowbitError("the gguf format needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def gguf_name(param_name: str) -> str | None:
+    """llama.cpp's name of an HF Llama parameter ("model.layers.3.mlp.up_proj.weight" ->
+    "blk.3.ffn_up.weight"), None when it has none."""
+    module, _, kind = param_name.rpartition(".")
+    if module in _TOP_NAMES:
+        return f"{_TOP_NAMES[module]}.{kind}"
+    parts = module.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK_NAMES:
+        return f"blk.{parts[2]}.{_BLOCK_NAMES[parts[3]]}.{kind}"
+    return None
+
+
+def rotary_row_order(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order llama.cpp expects for an HF q/k projection (convert_hf_to_gguf's permute):
+    new_rows = rows[order]."""
+    return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# block encoders: [rows, cols] -> uint8 [rows, cols // block * bytes_per_block]
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8)
+
+
+def _block_scales(scale: np.ndarray, group: int, cols: int) -> np.ndarray:
+    """Per-32-block scales [rows, cols // 32] from per-group scales [rows, n_groups]."""
+    return np.repeat(scale, group // 32, axis=1)[:, : cols // 32]
+
+
+def encode_q4_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Q4_0 blocks from lowbit's 4-bit symmetric codes (zero 8) and signed scales."""
+    rows, cols = codes.shape
+    q = codes.astype(np.uint8).reshape(rows, cols // 32, 2, 16)
+    qs = q[:, :, 0] | (q[:, :, 1] << np.uint8(4))  # low nibbles elements 0..15, high 16..31
+    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def encode_q8_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Q8_0 blocks from lowbit's 8-bit symmetric codes (zero 128) and signed scales."""
+    rows, cols = codes.shape
+    qs = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(rows, cols // 32, 32)
+    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def _qkx2_scales(x: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20):
+    """ggml's make_qkx2_quants for many sub-blocks at once, x [n, 32] -> (scale [n], -min [n]):
+    min/max rounding, then a search over nstep slightly different scales, each refit by weighted
+    least squares (weights av_x + |x|), keeping the smallest weighted squared error."""
+    av_x = np.sqrt((x * x).mean(-1, keepdims=True))
+    wts = av_x + np.abs(x)
+    sum_w, sum_x = wts.sum(-1), (wts * x).sum(-1)
+    mn = np.minimum(x.min(-1), 0.0)
+    mx = x.max(-1)
+    rng = mx - mn
+    flat = rng == 0
+    rng = np.where(flat, 1.0, rng)
+    scale = rng / nmax
+    q = np.clip(np.rint((x - mn[:, None]) / scale[:, None]), 0, nmax)
+    best = (wts * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(-1)
+    best_scale, best_min = scale.copy(), mn.copy()
+    for i in range(nstep + 1):
+        iscale = (rmin + rdelta * i + nmax) / rng
+        q = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        sum_l, sum_l2, sum_xl = (wts * q).sum(-1), (wts * q * q).sum(-1), (wts * q * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = np.where(pos, 0.0, this_min)
+            err = (wts * (this_scale[:, None] * q + this_min[:, None] - x) ** 2).sum(-1)
+        better = (det > 0) & (err < best)
+        best = np.where(better, err, best)
+        best_scale = np.where(better, this_scale, best_scale)
+        best_min = np.where(better, this_min, best_min)
+    return np.where(flat, 0.0, best_scale), -best_min
+
+
+def encode_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K super-blocks (256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and
+    mins, 128 bytes of nibbles; w = d*sc*q - dmin*m), following ggml's quantize_row_q4_K_ref:
+    each sub-block of 32 gets a scale and min (make_qkx2_quants), these are rounded to 6 bits
+    relative to the super-block's largest, and the codes are rounded with the stored scales."""
+    rows, cols = w.shape
+    x = w.astype(np.float32).reshape(-1, 8, 32)
+    nb = x.shape[0]
+    sub_scale, sub_min = _qkx2_scales(x.reshape(-1, 32))
+    sub_scale, sub_min = sub_scale.reshape(nb, 8), sub_min.reshape(nb, 8)
+    max_scale, max_min = sub_scale.max(-1, keepdims=True), sub_min.max(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(max_scale > 0, np.rint(sub_scale * (63.0 / max_scale)), 0).clip(0, 63).astype(np.uint8)
+        m = np.where(max_min > 0, np.rint(sub_min * (63.0 / max_min)), 0).clip(0, 63).astype(np.uint8)
+    d = (max_scale[:, 0] / 63.0).astype(np.float16)
+    dmin = (max_min[:, 0] / 63.0).astype(np.float16)
+    eff_d = (d.astype(np.float32)[:, None] * sc)[..., None]
+    eff_m = (dmin.astype(np.float32)[:, None] * m)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(eff_d > 0, np.rint((x + eff_m) / eff_d), 0).clip(0, 15).astype(np.uint8)
+    scales = np.empty((nb, 12), dtype=np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    q = q.reshape(nb, 4, 2, 32)  # pairs of sub-blocks share 32 bytes: low nibble first
+    qs = (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(nb, 128)
+    out = np.concatenate([_fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None]), scales, qs], axis=-1)
+    return out.reshape(rows, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# metadata
+
+
+def _llama_config(model):
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise LowbitError(
+            f"GGUF export supports Llama models only, this is {getattr(cfg, 'model_type', type(model).__name__)!r}"
+        )
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", "linear"):
+        raise LowbitError(f"GGUF export does not support rope scaling {rope_type!r} yet")
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or getattr(cfg, "rope_theta", 10000.0)
+    return cfg, n_head, n_kv, head_dim, rope, rope_type, float(theta)
+
+
+def _write_metadata(w, gguf, model, name: str, file_type: int) -> None:
+    cfg, n_head, n_kv, head_dim, rope, rope_type, theta = _llama_config(model)
+    w.add_name(name)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(int(cfg.hidden_size))
+    w.add_block_count(int(cfg.num_hidden_layers))
+    w.add_feed_forward_length(int(cfg.intermediate_size))
+    w.add_head_count(int(n_head))
+    w.add_head_count_kv(int(n_kv))
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_rope_dimension_count(int(head_dim))
+    if head_dim * n_head != cfg.hidden_size:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    if rope_type == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    w.add_file_type(int(file_type))
+    w.add_vocab_size(int(model.get_input_embeddings().weight.shape[0]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _sentencepiece_scores(tokenizer, n: int):
+    """(scores, types) from a tokenizer.model next to the tokenizer, when sentencepiece is there."""
+    folder = getattr(tokenizer, "name_or_path", None) or ""
+    path = getattr(tokenizer, "vocab_file", None) or os.path.join(str(folder), "tokenizer.model")
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception:
+        return None
+    if sp.vocab_size() > n:
+        return None
+    scores = [sp.get_score(i) for i in range(sp.vocab_size())]
+    return scores, {i for i in range(sp.vocab_size()) if sp.is_control(i)}
+
+
+def _write_tokenizer(w, gguf, tokenizer, vocab_size: int) -> str:
+    """Write the vocabulary; returns the tokenizer.ggml.model written ("llama" or "gpt2")."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LowbitError("GGUF export needs a fast (tokenizers-backed) tokenizer with a tokenizer.json")
+    tj = json.loads(backend.to_str())
+    tm, pre = tj["model"], tj.get("pre_tokenizer") or {}
+    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    if tm["type"] == "Unigram":
+        pieces = [p for p, _ in tm["vocab"]]
+        unigram_scores = [float(s) for _, s in tm["vocab"]]
+        vocab = {p: i for i, p in enumerate(pieces)}
+    else:
+        vocab = dict(tm["vocab"])
+        unigram_scores = None
+    for i, t in added.items():
+        vocab[t["content"]] = i
+    n = max(vocab_size, max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        types[i] = gguf.TokenType.NORMAL
+    special = {i for i, t in added.items() if t.get("special")}
+    unk = tokenizer.unk_token_id
+    spm_like = tm["type"] == "Unigram" or (tm["type"] == "BPE" and tm.get("byte_fallback"))
+
+    if spm_like:
+        byte_tokens = {i for tok, i in vocab.items() if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")}
+        sp = _sentencepiece_scores(tokenizer, n)
+        if sp is not None:
+            scores = sp[0] + [-1000.0] * (n - len(sp[0]))
+            special |= sp[1]
+        elif unigram_scores is not None:
+            scores = unigram_scores + [-1000.0] * (n - len(unigram_scores))
+        else:  # SentencePiece BPE: a piece's score is minus its rank among the ordinary pieces
+            first = 1 + max([i for i in special | byte_tokens | ({unk} if unk is not None else set())], default=-1)
+            scores = [0.0 if i < first else -float(i - first) for i in range(n)]
+        for i in byte_tokens:
+            types[i] = gguf.TokenType.BYTE
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_scores(scores)
+        add_prefix = pre.get("type") == "Metaspace" and pre.get("prepend_scheme", "always") != "never"
+        w.add_add_space_prefix(bool(add_prefix))
+    elif tm["type"] == "BPE" and _is_byte_level(pre):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(_bpe_pre_name(pre))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tm.get("merges", [])]
+        w.add_token_merges(merges)
+    else:
+        raise LowbitError(
+            f"GGUF export cannot write this tokenizer ({tm['type']} model, {pre.get('type')} pre-tokenizer); "
+            "supported: SentencePiece (byte-fallback BPE or Unigram) and byte-level BPE"
+        )
+    for i in special:
+        types[i] = gguf.TokenType.CONTROL
+    if unk is not None and unk < n:
+        types[unk] = gguf.TokenType.UNKNOWN
+    w.add_token_list(tokens)
+    w.add_token_types([int(t) for t in types])
+    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id), ("unk", unk),
+                     ("pad", tokenizer.pad_token_id)):
+        if tid is not None:
+            getattr(w, f"add_{key}_token_id")(int(tid))
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    w.add_add_bos_token(bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)
+    w.add_add_eos_token(bool(ids) and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id)
+    return "llama" if spm_like else "gpt2"
+
+
+def _is_byte_level(pre: dict) -> bool:
+    if pre.get("type") == "ByteLevel":
+        return True
+    return pre.get("type") == "Sequence" and any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
+
+
+_LLAMA3_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+
+
+def _bpe_pre_name(pre: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE pre-tokenizer."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"  # ByteLevel's built-in regex is GPT-2's
+    if pre.get("type") == "Sequence":
+        splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+        if len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
+            return "llama-bpe"
+    raise LowbitError("GGUF export cannot name this byte-level BPE pre-tokenizer for llama.cpp (known: GPT-2, Llama 3)")
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors
+
+
+def _float_array(t: torch.Tensor, float_type: str | None) -> np.ndarray:
+    t = t.detach().cpu()
+    kind = float_type or ("f32" if t.dtype == torch.float32 else "f16")
+    if kind == "f16" and t.dtype == torch.bfloat16 and float_type is None:
+        return t.float().numpy()  # bf16 to f16 could overflow: keep it exact in f32
+    return t.float().numpy().astype(np.float16 if kind == "f16" else np.float32)
+
+
+def _exact_ok(q, qtype: str, cols: int) -> bool:
+    bits = {"q4_0": 4, "q8_0": 8}.get(qtype)
+    group = cols if q.group_size == -1 else q.group_size
+    return (
+        bits is not None
+        and q.bits == bits
+        and q.sym
+        and group % 32 == 0
+        and cols % 32 == 0
+        and bool((q.zero == 2 ** (bits - 1)).all())
+    )
+
+
+def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *,
+               float_type: str | None = None, name: str | None = None) -> dict[str, str]:
+    """Write `model` (a Llama whose quantized Linear weights are lowbit's dequantized values) with
+    its `tokenizer` to one GGUF file at `path`, the weights in `layers` (module name ->
+    QuantizedWeight) stored in block type `qtype` ("q4_0", "q8_0", "q4_k"; "f16"/"f32" write every
+    weight in float as a reference). Returns {gguf tensor name: how it was stored}, e.g.
+    "q4_0 exact", "q4_0 requantized", "f32", "f32 (rows of 172 not a multiple of 32)".
+    float_type ("f32"/"f16") overrides the type of the unquantized 2-D tensors (default: the
+    model's dtype). Raises LowbitError for a non-Llama model, an unknown qtype or tokenizer."""
+    gguf = _gguf()
+    qtype = str(qtype).lower()
+    if qtype not in QTYPES:
+        raise LowbitError(f"unknown GGUF type {qtype!r} (choose from {', '.join(QTYPES)})")
+    if float_type is not None and float_type not in FLOAT_TYPES:
+        raise LowbitError(f"unknown float type {float_type!r} (choose from {', '.join(FLOAT_TYPES)})")
+    cfg, n_head, n_kv, head_dim, *_ = _llama_config(model)
+    Q = gguf.GGMLQuantizationType
+    block_type = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K}.get(qtype)
+    file_type = {
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,  # every quantized weight Q4_K (no Q6_K mix)
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[qtype]
+    ref_float = {"f16": "f16", "f32": "f32"}.get(qtype, float_type)
+
+    params = dict(model.named_parameters())
+    tied = getattr(cfg, "tie_word_embeddings", False) or (
+        "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
+    )
+    if tied and "lm_head" in layers:
+        raise LowbitError("lm_head is quantized but tied to the embeddings: untie it first")
+    unknown = [n for n in layers if gguf_name(n + ".weight") is None]
+    if unknown:
+        raise LowbitError(f"GGUF export cannot place quantized layer {unknown[0]!r}")
+
+    tensors: list[tuple[str, np.ndarray, object]] = []
+    summary: dict[str, str] = {}
+    for pname, p in params.items():
+        if pname == "lm_head.weight" and tied:
+            continue
+        gname = gguf_name(pname)
+        if gname is None:
+            raise LowbitError(f"GGUF export does not know where to put parameter {pname!r}")
+        module = pname.rsplit(".", 1)[0]
+        order = None
+        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+            order = rotary_row_order(p.shape[0], n_head)
+        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
+            order = rotary_row_order(p.shape[0], n_kv)
+        if p.dim() == 1:  # norms and biases: f32, as llama.cpp expects
+            arr = p.detach().float().cpu().numpy()
+            tensors.append((gname, arr[order] if order is not None else arr, None))
+            summary[gname] = "f32"
+            continue
+        q = layers.get(module) if block_type is not None else None
+        if q is not None and tuple(q.codes.shape) != tuple(p.shape):
+            raise LowbitError(f"quantized layer {module} has shape {tuple(q.codes.shape)}, the model's weight {tuple(p.shape)}")
+        rows, cols = p.shape
+        block = gguf.GGML_QUANT_SIZES[block_type][0] if block_type is not None else None
+        if q is None or cols % block:
+            arr = _float_array(p, ref_float)
+            arr = arr[order] if order is not None else arr
+            tensors.append((gname, np.ascontiguousarray(arr), None))
+            kind = "f16" if arr.dtype == np.float16 else "f32"
+            summary[gname] = kind if q is None else f"{kind} (rows of {cols} not a multiple of {block})"
+            continue
+        if _exact_ok(q, qtype, cols):
+            codes = q.codes.cpu().numpy()
+            scale = q.scale.detach().float().cpu().numpy()
+            if order is not None:
+                codes, scale = codes[order], scale[order]
+            group = cols if q.group_size == -1 else q.group_size
+            enc = encode_q4_0_exact if qtype == "q4_0" else encode_q8_0_exact
+            tensors.append((gname, enc(codes, scale, group), block_type))
+            summary[gname] = f"{qtype} exact"
+        else:
+            wt = q.dequantize(torch.float32).cpu().numpy()
+            wt = np.ascontiguousarray(wt[order] if order is not None else wt)
+            data = encode_q4_k(wt) if qtype == "q4_k" else gguf.quants.quantize(wt, block_type)
+            tensors.append((gname, data, block_type))
+            summary[gname] = f"{qtype} requantized"
+
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        _write_metadata(w, gguf, model, name or os.path.splitext(os.path.basename(path))[0], file_type)
+        _write_tokenizer(w, gguf, tokenizer, int(model.get_input_embeddings().weight.shape[0]))
+        for gname, data, raw in tensors:
+            w.add_tensor(gname, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        w.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return summary
+
+
+def read_gguf_weights(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file dequantized to float32, numpy-shaped ([rows, cols])."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(path)
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        out[t.name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    return out
