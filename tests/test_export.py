@@ -183,3 +183,18 @@ def test_cli_quantize_export_eval(tmp_path, capsys):
         ppl[name] = json.loads(capsys.readouterr().out)["ppl"]
     assert abs(ppl["auto_round"] / ppl["fake"] - 1) < 0.01 and abs(ppl["gptq"] / ppl["fake"] - 1) < 0.01
     assert main(["export", str(tmp_path / "missing"), "--format", "gptq", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_cli_gguf_export(tmp_path):
+    pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+    from lowbit.export.gguf import read_gguf_weights
+
+    q = tmp_path / "q"
+    assert main(["quantize", PYCODE, "--scheme", "W4A16G32", "--algorithm", "rtn", "--out", str(q), "--quiet",
+                 "--format", "fake,gguf:q4_0"]) == 0
+    path = q / "gguf-q4_0" / "model-q4_0.gguf"
+    weights = read_gguf_weights(str(path))
+    fake = lowbit.load(str(q / "fake"))[0]
+    want = fake.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(torch.from_numpy(weights["blk.0.ffn_down.weight"]).float(), want, rtol=0, atol=2e-3)
+    assert main(["export", str(q / "fake"), "--format", "gguf:q8_0", "--out", str(tmp_path / "g")]) == 2
