@@ -43,7 +43,7 @@ def test_quant_linear_matches_dequantized(bits, shape, group, sym):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_unpack_words_matches_general_unpacker(bits):
     p = torch.randint(-2**31, 2**31 - 1, (bits * 3, 7), dtype=torch.int32)
-    want = unpack_rows(p, bits, 0, p.shape[0] // bits * 32).to(torch.int32)
+    want = unpack_rows(p, bits, 0, p.shape[0] // bits * 32)
     assert torch.equal(unpack_words(p, bits, 0), want)
 
 
@@ -198,3 +198,9 @@ def test_cli_gguf_export(tmp_path):
     want = fake.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(torch.from_numpy(weights["blk.0.ffn_down.weight"]).float(), want, rtol=0, atol=2e-3)
     assert main(["export", str(q / "fake"), "--format", "gguf:q8_0", "--out", str(tmp_path / "g")]) == 2
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_words_along_columns(bits):
+    p = torch.randint(-2**31, 2**31 - 1, (5, bits * 2), dtype=torch.int32)
+    assert torch.equal(unpack_words(p, bits, 1), unpack_rows(p, bits, 1, p.shape[1] // bits * 32))
