@@ -27,6 +27,8 @@ def _add_alloc_args(p, required: bool = False):
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=SCHEME",
                    help="force a layer (name or regex) to a scheme; repeatable")
     p.add_argument("--min-bits", type=int, default=None, help="drop options below this bit width")
+    p.add_argument("--metric-tune-iters", type=int, default=0,
+                   help="score the weights a SignRound of N iterations gives for each option (default 0: rounded)")
 
 
 FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, gguf:q4_0|q8_0|q4_k|f16|f32; "
@@ -171,7 +173,7 @@ def _make_plan(model, tokenizer, args, nsamples: int, seqlen: int) -> dict:
     windows = calibration_windows(tokenizer, args.dataset, nsamples, seqlen, args.seed)
     _say(args, f"scoring layers with {args.metric} on {len(windows)} windows, solving with {args.solver}")
     plan = make_plan(model, args.options, args.target_bits, windows, metric=args.metric, solver=args.solver,
-                     tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits)
+                     tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits, tune_iters=args.metric_tune_iters)
     _say(args, f"plan: {plan['achieved_bits']:.3f} average bits (target {args.target_bits}); "
                f"metric {plan['seconds']['metric']:.1f}s, solver {plan['seconds']['solve']:.2f}s")
     return plan

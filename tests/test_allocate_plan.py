@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, tied_groups, write_plan
-from lowbit.allocate.sensitivity import METRICS
+from lowbit.allocate.sensitivity import METRICS, quantized_weight, tuned_weights
 from lowbit.calib import make_windows, tokenize
 from lowbit.errors import LowbitError
 from lowbit.model import find_blocks, load_model
@@ -122,3 +122,21 @@ def test_bad_plan(tmp_path):
     r = cli("quantize", STORIES, "--plan", bad, "--algorithm", "rtn", "--out", tmp_path / "q")
     assert r.returncode == 2 and "not valid JSON" in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_tuned_scores(windows):
+    # scores on the weights a short SignRound gives per option: other weights than rounding's,
+    # still ordered by bits, and the model is left as it was
+    model, _ = load_model(STORIES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opts = {o.name: o for o in OPTIONS.values()}
+    tuned = tuned_weights(model, opts, windows[:4], iters=3)
+    layers = block_layers(model)
+    name = "model.layers.0.mlp.down_proj"
+    rounded = quantized_weight(layers[name].weight.detach(), opts["W2A16G32"], None, False)
+    assert not torch.equal(tuned["W2A16G32"][name], rounded)
+    scores = METRICS["hessian"](model, layers, opts, windows[:4], blocks=find_blocks(model)[1], tuned=tuned)
+    assert sum(s["W2A16G32"] > s["W8A16G32"] for s in scores.values()) == len(scores)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    plan = make_plan(model, opts, 4.0, windows[:4], metric="hessian", tune_iters=2)
+    assert plan["tune_iters"] == 2 and plan["achieved_bits"] <= 4.0

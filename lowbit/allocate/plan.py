@@ -11,7 +11,7 @@ import torch
 
 from lowbit import __version__
 from lowbit.allocate.cost import layer_bits
-from lowbit.allocate.sensitivity import METRICS
+from lowbit.allocate.sensitivity import METRICS, tuned_weights
 from lowbit.allocate.solvers import SOLVERS, Choice, Problem
 from lowbit.errors import LowbitError
 from lowbit.model import find_blocks, find_linears
@@ -64,9 +64,11 @@ def make_plan(
     min_bits: int | None = None,
     prescale: bool = False,
     scores: dict | None = None,
+    tune_iters: int = 0,
 ) -> dict:
     """Score every block Linear for every option with `metric` (or take precomputed `scores`,
-    {layer: {option: score}}) and pick one option per layer within target_bits on average."""
+    {layer: {option: score}}) and pick one option per layer within target_bits on average.
+    tune_iters > 0 scores the weights a short SignRound gives for each option, not rounded ones."""
     if metric not in METRICS:
         raise LowbitError(f"unknown metric {metric!r} (have: {', '.join(METRICS)})")
     if solver not in SOLVERS:
@@ -85,7 +87,8 @@ def make_plan(
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
     if scores is None:
-        scores = METRICS[metric](model, layers, opts, windows, blocks=blocks, prescale=prescale)
+        tuned = tuned_weights(model, opts, windows, tune_iters) if tune_iters > 0 else None
+        scores = METRICS[metric](model, layers, opts, windows, blocks=blocks, prescale=prescale, tuned=tuned)
     t_metric = time.perf_counter() - t0
     choices = {
         n: [Choice(o, layer_bits(*lin.weight.shape, s), scores[n][o]) for o, s in opts.items()]
@@ -104,6 +107,7 @@ def make_plan(
         "metric": metric,
         "solver": solver,
         "prescale": prescale,
+        "tune_iters": tune_iters,
         "options": {o: s.to_dict() for o, s in opts.items()},
         "tied": problem.tied,
         "fixed": fixed,
