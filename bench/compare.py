@@ -1,0 +1,369 @@
+"""Side by side: lowbit's SignRound against Intel's auto-round (its SignRound), on CPU, with the same
+settings and the SAME calibration token windows; perplexity by lowbit's evaluator for both.
+
+Needs a separate venv with auto-round (see bench/README.md); this script installs nothing.
+
+    /work/arvenv/bin/python bench/compare.py                     # every setting (long)
+    /work/arvenv/bin/python bench/compare.py --quick             # iters 5, nsamples 16: a smoke test
+    /work/arvenv/bin/python bench/compare.py --only stories260K-W2G32-i200 pycode-7m-W4G128-i200
+    /work/arvenv/bin/python bench/compare.py --only W2G32 --tools autoround lowbit
+
+Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 ("default"
+preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. Tools per setting:
+
+    fp32               the original model (once per model)
+    autoround          auto-round, fp32 tuning (amp off), torch.compile off, low_gpu_mem_usage off
+    autoround-default  auto-round with its own CPU defaults (amp on = bf16 tuning); not run unless asked
+    lowbit             lowbit SignRound, its defaults (prescale on at <= 3 bits)
+    lowbit-noprescale  lowbit with prescale off (like-with-like with auto-round); only at <= 3 bits
+    lowbit-arlayers    lowbit restricted to the Linear layers auto-round quantizes (auto-round keeps
+                       int layers whose out or in features do not divide by 32 in 16 bits); only
+                       where that set differs from lowbit's
+
+The calibration windows are built once (lowbit.calib) in this process and handed to every run; each
+run is its own subprocess, so its peak RSS (ru_maxrss) is its own. Rows are appended to
+bench/results/compare.jsonl; the markdown table of this invocation is printed (and written to
+bench/results/compare.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from core import ASSETS, MODELS, SEQLEN, text_slice  # noqa: E402  (same models, text and windows as core.py)
+
+BATCH = 8
+SEED = 0
+# (model, bits); group size from MODELS
+SCHEMES = [("stories260K", 4), ("stories260K", 2), ("pycode-7m", 4), ("pycode-7m", 3), ("pycode-7m", 2)]
+LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
+TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
+ALL_TOOLS = TOOLS + ["autoround-default"]
+
+
+def iters_of_presets() -> list[int]:
+    from lowbit.pipeline import PRESETS
+
+    return [PRESETS["default"][0]["iters"], PRESETS["light"][0]["iters"]]  # 200, 50
+
+
+def setting_name(model: str, bits: int, iters: int) -> str:
+    return f"{model}-W{bits}G{MODELS[model][1]}-i{iters}"
+
+
+def ar_skips(shape) -> bool:
+    """auto-round (int weights, 16-bit activations) leaves a Linear in 16 bits when either dimension
+    does not divide by 32 (compressors/layer_config_resolver.py)."""
+    return bool(shape[0] % 32 or shape[1] % 32)
+
+
+# --------------------------------------------------------------------------- one run (child process)
+def rss_mb() -> float:
+    """Peak resident memory of this process (MB). VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    execve, so a child would report its parent's peak (the driver, with torch and a model loaded)
+    whenever that is larger."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, windows_file: str) -> dict:
+    t_start = time.perf_counter()
+    import torch
+
+    from lowbit.calib import calibration_windows, tokenize, windows_hash
+    from lowbit.eval import perplexity
+    from lowbit.model import load_model, weight_modules
+
+    torch.manual_seed(SEED)
+    folder, group, _, evaluation, eval_windows = MODELS[model_name]
+    model, tok = load_model(os.path.join(ASSETS, folder))
+    before = {n: m.weight.detach().clone() for n, m in weight_modules(model).items()}
+    row = {"setting": setting_name(model_name, bits, iters) if tool != "fp32" else f"{model_name}-fp32",
+           "model": model_name, "tool": tool, "bits": bits, "group_size": group, "sym": True,
+           "iters": iters, "nsamples": nsamples, "seqlen": SEQLEN, "batch_size": BATCH, "seed": SEED,
+           "threads": torch.get_num_threads()}
+    quant_s = 0.0
+    if tool != "fp32":
+        windows = calibration_windows(tok, torch.load(windows_file), nsamples, SEQLEN, SEED)
+        assert windows.shape == (nsamples, SEQLEN), windows.shape
+        row["windows_sha256"] = windows_hash(windows)
+        if tool.startswith("autoround"):
+            quant_s, extra = _autoround(model, tok, windows, bits, group, iters, nsamples, tool == "autoround-default")
+        else:
+            quant_s, extra = _lowbit(model, tok, windows, bits, group, iters, nsamples, tool)
+        row.update(extra)
+    row["peak_rss_quant_mb"] = rss_mb()
+    changed = {n for n, w in before.items() if not torch.equal(w, weight_modules(model)[n].weight.detach().float())}
+    row["unquantized"] = sorted(set(before) - changed)
+    model.float()
+    ev = perplexity(model, tokens=tokenize(tok, text_slice(evaluation)), seqlen=SEQLEN, max_windows=eval_windows)
+    row.update(ppl=ev["ppl"], eval_windows=ev["windows"], quant_s=quant_s,
+               total_s=time.perf_counter() - t_start, peak_rss_mb=rss_mb())
+    return row
+
+
+def _lowbit(model, tok, windows, bits, group, iters, nsamples, tool):
+    import lowbit
+    import lowbit.pipeline
+
+    if tool == "lowbit-arlayers":  # only in this process: the layers auto-round would quantize
+        orig = lowbit.pipeline.find_linears
+        lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
+    algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None)
+    t0 = time.perf_counter()
+    r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
+                        nsamples=nsamples, seqlen=SEQLEN, seed=SEED, progress=False)
+    quant_s = time.perf_counter() - t0
+    blocks = r.report["blocks"]
+    return quant_s, {
+        "prescale": algo.uses_prescale(bits),
+        "lowbit_unquantized": r.report["unquantized"],
+        "block_s": [round(b["seconds"], 3) for b in blocks],
+        "ms_per_iter": [round(b["seconds_per_iter"] * 1000, 2) for b in blocks],
+        "loss": [[b["loss_first"], b["loss_best"]] for b in blocks],
+        "capture_s": r.report["calibration"]["capture_seconds"],
+    }
+
+
+def _autoround(model, tok, windows, bits, group, iters, nsamples, defaults):
+    import torch
+
+    import auto_round
+    import auto_round.calib_dataset
+    from auto_round import AutoRound
+    from auto_round.algorithms.quantization.sign_round.quantizer import SignRoundQuantizer
+
+    class Recorded(list):
+        """The windows as auto-round's `dataset` (a list of [1, seqlen] LongTensors); records
+        what auto-round actually takes from it."""
+
+        taken: list = []
+
+        def __iter__(self):
+            for x in list.__iter__(self):
+                Recorded.taken.append(x)
+                yield x
+
+    def no_dataloader(*a, **k):  # a list must not fall back to auto-round's own (online) dataset
+        raise RuntimeError("auto-round tried to build its own calibration dataloader")
+
+    auto_round.calib_dataset.get_dataloader = no_dataloader
+    block_s, seen = [], {}
+    orig_qb = SignRoundQuantizer.quantize_block
+
+    def timed_qb(self, *a, **k):
+        if not seen:  # the settings auto-round tunes with, as resolved
+            seen.update(lr=float(self.lr), minmax_lr=float(self.minmax_lr),
+                        gradient_accumulate_steps=self.gradient_accumulate_steps,
+                        enable_minmax_tuning=self.enable_minmax_tuning, not_use_best_mse=self.not_use_best_mse,
+                        dynamic_max_gap=self.dynamic_max_gap, enable_quanted_input=self.enable_quanted_input,
+                        momentum=self.momentum, optimizer=getattr(self.optimizer, "__name__", str(self.optimizer)),
+                        batch_size=self.calibration_context.batch_size)
+        t0 = time.perf_counter()
+        out = orig_qb(self, *a, **k)
+        block_s.append(round(time.perf_counter() - t0, 3))
+        return out
+
+    SignRoundQuantizer.quantize_block = timed_qb
+    import gc
+
+    gc_s, gc_collect = [0.0, 0], gc.collect
+
+    def timed_gc(*a, **k):  # auto-round clears memory (gc.collect) several times per block
+        t = time.perf_counter()
+        try:
+            return gc_collect(*a, **k)
+        finally:
+            gc_s[0] += time.perf_counter() - t
+            gc_s[1] += 1
+
+    gc.collect = timed_gc
+    kw = {} if defaults else {"amp": False, "enable_torch_compile": False}
+    t0 = time.perf_counter()
+    ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, dataset=Recorded(w[None] for w in windows),
+                   iters=iters, nsamples=nsamples, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
+                   low_gpu_mem_usage=False, device_map="cpu", **kw)
+    t1 = time.perf_counter()
+    qmodel, layer_config = ar.quantize()
+    quant_s = time.perf_counter() - t1
+    assert qmodel is model, "auto-round returned another model object"
+    taken = torch.cat(Recorded.taken) if Recorded.taken else torch.empty(0, SEQLEN, dtype=torch.long)
+    used_ours = taken.shape == windows.shape and torch.equal(taken, windows)
+    if not used_ours:
+        raise RuntimeError(f"auto-round did not take exactly our windows: took {tuple(taken.shape)}")
+    return quant_s, {
+        "auto_round_version": auto_round.__version__,
+        "ctor_s": t1 - t0,
+        "used_our_windows": used_ours,
+        "amp": bool(getattr(ar.model_context, "amp", None)) if hasattr(ar, "model_context") else None,
+        "amp_dtype": str(getattr(getattr(ar, "model_context", None), "amp_dtype", "")),
+        "tuned_dtype": str(model.dtype),
+        "torch_compile": bool(getattr(ar, "enable_torch_compile", None)),
+        "ar_settings": seen,
+        "gc_collect_s": gc_s[0], "gc_collect_calls": gc_s[1],
+        "ar_16bit_layers": sorted(n for n, c in layer_config.items() if isinstance(c, dict) and c.get("bits", 16) >= 16),
+        "block_s": block_s,
+        "ms_per_iter": [round(s * 1000 / iters, 2) for s in block_s] if iters else [],
+    }
+
+
+# --------------------------------------------------------------------------- driver
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="iters 5, nsamples 16 (smoke test)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only settings whose name (e.g. stories260K-W2G32-i200) contains one of these")
+    p.add_argument("--tools", nargs="+", default=TOOLS, choices=ALL_TOOLS)
+    p.add_argument("--no-fp", action="store_true", help="skip the fp32 rows")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
+    p.add_argument("--one", nargs=6, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        tool, m, b, it, ns, wf = args.one
+        print(json.dumps(run_one(tool, m, int(b), int(it), int(ns), wf)))
+        return
+
+    try:
+        import auto_round
+    except ImportError:
+        sys.exit("auto_round is not importable from this Python; set up the venv as in bench/README.md")
+    import torch
+    import transformers
+
+    from lowbit.calib import calibration_windows, make_windows, tokenize
+    from lowbit.model import load_model
+
+    iters_list = [5] if args.quick else iters_of_presets()
+    nsamples = 16 if args.quick else 128
+    settings = [(m, b, it) for m, b in SCHEMES for it in iters_list]
+    if args.only:
+        settings = [s for s in settings if any(o in setting_name(*s) for o in args.only)]
+    if not settings:
+        sys.exit("no setting matches --only")
+    versions = {"auto_round": auto_round.__version__, "transformers": transformers.__version__,
+                "torch": torch.__version__, "python": platform.python_version(), "cores": os.cpu_count()}
+    print(f"versions: {versions}", file=sys.stderr)
+
+    tmp = tempfile.mkdtemp(prefix="lowbit-compare-")
+    windows_files = {}
+    for m in dict.fromkeys(s[0] for s in settings):  # the windows, once per model
+        folder, _, calib, _, _ = MODELS[m]
+        _, tok = load_model(os.path.join(ASSETS, folder))
+        w = calibration_windows(tok, make_windows(tokenize(tok, text_slice(calib)), nsamples, SEQLEN, seed=SEED),
+                                nsamples, SEQLEN, SEED)
+        windows_files[m] = os.path.join(tmp, f"{m}.pt")
+        torch.save(w, windows_files[m])
+
+    runs = [] if args.no_fp else [("fp32", m, 0, 0) for m in windows_files]
+    for m, b, it in settings:
+        for tool in args.tools:
+            if tool == "lowbit-noprescale" and b > 3:
+                continue  # lowbit's default is already prescale off above 3 bits
+            if tool == "lowbit-arlayers" and not _ar_differs(m):
+                continue
+            runs.append((tool, m, b, it))
+
+    run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
+    rows = []
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    for tool, m, b, it in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, m, str(b), str(it), str(nsamples), windows_files[m]]
+        env = dict(os.environ, TQDM_DISABLE="1")
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            sys.exit(f"run failed: {' '.join(cmd)}\n{out.stderr[-4000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update(run_id=run_id, quick=args.quick, process_s=time.perf_counter() - t0, versions=versions)
+        os.makedirs(LOGS, exist_ok=True)
+        with open(os.path.join(LOGS, f"{r['setting']}-{tool}.log"), "w") as f:
+            f.write(out.stderr)
+        if tool.startswith("autoround"):
+            r["log_tail"] = [l for l in out.stderr.splitlines() if "tuning time" in l or "Summary" in l or "lr" in l][-6:]
+        rows.append(r)
+        with open(args.out + ".jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(f"{r['setting']:26s} {tool:18s} ppl {r['ppl']:9.3f}  quant {r['quant_s']:7.1f}s  "
+              f"total {r['total_s']:6.1f}s  {r['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
+    hashes = {}
+    for r in rows:
+        if "windows_sha256" in r:
+            hashes.setdefault(r["model"], set()).add(r["windows_sha256"])
+    assert all(len(h) == 1 for h in hashes.values()), "runs of one model saw different windows"
+    table = markdown(rows, versions, nsamples, args.quick)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+def _ar_differs(model_name: str) -> bool:
+    import json as _json
+
+    folder = MODELS[model_name][0]
+    with open(os.path.join(ASSETS, folder, "config.json")) as f:
+        c = _json.load(f)
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    dims = [c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * hd, c["num_attention_heads"] * hd]
+    return any(d % 32 for d in dims)
+
+
+def short_layers(names: list[str]) -> str:
+    """model.layers.0.mlp.up_proj, model.layers.1.mlp.up_proj... -> model.layers.[0-4].mlp.up_proj"""
+    import re
+
+    groups: dict[str, list[int]] = {}
+    for n in names:
+        m = re.match(r"(.*?\.layers\.)(\d+)(\..*)", n)
+        if m:
+            groups.setdefault(m.group(1) + "*" + m.group(3), []).append(int(m.group(2)))
+        else:
+            groups[n] = []
+    out = []
+    for k, idx in groups.items():
+        if idx:
+            idx = sorted(idx)
+            rng = f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 1 else ",".join(map(str, idx))
+            k = k.replace("*", f"[{rng}]")
+        out.append(k)
+    return ", ".join(out)
+
+
+def markdown(rows, versions, nsamples, quick) -> str:
+    ar_time = {r["setting"]: r["quant_s"] for r in rows if r["tool"] == "autoround"}
+    lines = [
+        f"Machine: {platform.machine()}, {versions['cores']} cores, Python {versions['python']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}, auto-round {versions['auto_round']}; nsamples {nsamples}, "
+        f"seqlen {SEQLEN}, batch {BATCH}, seed {SEED}, symmetric{' (QUICK: not comparable)' if quick else ''}.",
+        "",
+        "| setting | tool | ppl | quant wall (s) | total (s) | peak RSS (MB) | unquantized layers | time / auto-round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = ""
+        if r["tool"] != "fp32" and r["setting"] in ar_time and ar_time[r["setting"]] > 0:
+            ratio = f"{r['quant_s'] / ar_time[r['setting']]:.2f}"
+        lines.append(
+            f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['quant_s']:.1f} | {r['total_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {'(all)' if r['tool'] == 'fp32' else short_layers(r['unquantized']) or '-'} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
