@@ -39,7 +39,7 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     report = json.loads((out / "quantization.json").read_text())
     assert report["scheme"]["bits"] == 4 and report["scheme"]["group_size"] == 32
     assert report["algorithm"] == {"name": "signround", "iters": 20, "lr": None, "batch_size": 8, "tune_minmax": True,
-                                   "prescale": False, "minmax_max": 1.0}
+                                   "prescale": False, "minmax_max": 1.0, "compile": None, "amp": None}
     assert len(report["layers"]) == 35 and report["unquantized"] == ["lm_head", "model.embed_tokens"]
     assert len(report["calibration"]["sha256"]) == 64 and report["calibration"]["nsamples"] == 16
     assert len(report["blocks"]) == 5 and all(b["loss_best"] > 0 for b in report["blocks"])

@@ -39,6 +39,9 @@ class SignRound:
     # torch.compile the quantize-dequantize (one fused kernel instead of ~20 passes over the
     # weights); None: on for CUDA blocks, where it pays (bench/gpu.py), off on CPU.
     compile: bool | None = None
+    # Mixed precision for the block's forward/backward (torch.autocast to bfloat16); None: on where
+    # bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16/AMX and blocks big enough to gain).
+    amp: bool | None = None
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -91,9 +94,12 @@ class _Bucket:
 
     def weights(self, dtype, qdq=fake_quantize_groups) -> dict[str, torch.Tensor]:
         wq = qdq(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
+        # torch.split, not slicing: its backward is one concatenation, where each slice's backward
+        # would fill and add a zero gradient the size of the whole bucket.
+        parts = torch.split(wq, [b - a for _, a, b, _, _ in self.slices])
         return {
-            name + ".weight": from_groups(wq[a:b].view(out_f, -1, wq.shape[-1]), in_f)
-            for name, a, b, out_f, in_f in self.slices
+            name + ".weight": from_groups(part.view(out_f, -1, wq.shape[-1]), in_f)
+            for part, (name, a, b, out_f, in_f) in zip(parts, self.slices)
         }
 
     def quantized(self, layers: LayerMap) -> dict:
@@ -134,6 +140,34 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + batch_size]
 
 
+# Below this many weights per block the matmuls are too small for bf16 to pay on a CPU (Python and
+# elementwise work dominate; stories260K's 50k-weight blocks got slower).
+AMP_MIN_BLOCK_WEIGHTS = 256 * 1024
+
+
+def _amp_dtype(cfg: SignRound, buckets) -> torch.dtype | None:
+    """The block's matmuls run in bfloat16 (parameters, quantize-dequantize and loss stay float32)
+    where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX for big enough blocks."""
+    device = buckets[0].w.device
+    if cfg.amp is not None:
+        return torch.bfloat16 if cfg.amp else None
+    if device.type == "cpu" and sum(b.w.numel() for b in buckets) < AMP_MIN_BLOCK_WEIGHTS:
+        return None
+    return torch.bfloat16 if _fast_bf16(device.type) else None
+
+
+@functools.cache
+def _fast_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 @functools.cache
 def _compiled_qdq():
     return torch.compile(fake_quantize_groups, dynamic=False)
@@ -153,9 +187,12 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     for p in frozen:
         p.requires_grad_(False)
 
+    amp = _amp_dtype(cfg, buckets)
+
     def loss_on(idx):
         w = {k: v for b in buckets for k, v in b.weights(dtype, qdq).items()}
-        out = block_output(functional_call(block, w, (data.inputs[idx],), data.kwargs))
+        with torch.autocast(buckets[0].w.device.type, dtype=amp, enabled=amp is not None):
+            out = block_output(functional_call(block, w, (data.inputs[idx],), data.kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
@@ -192,6 +229,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         "loss_first": first_loss,
         "loss_best": best_loss if cfg.iters else None,
         "iters": cfg.iters,
+        "amp": str(amp).removeprefix("torch.") if amp is not None else None,
         "seconds": seconds,
         "seconds_per_iter": seconds / cfg.iters if cfg.iters else 0.0,
     }
