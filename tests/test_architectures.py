@@ -294,3 +294,23 @@ def test_blocks_with_different_arguments(name):
     after = logits(model, eval_ids)
     assert torch.isfinite(after).all() and not torch.equal(after, before)
     assert len(result.layers) == 2 * 7
+
+
+@pytest.mark.parametrize("fmt", ["auto_round", "gptq"])
+def test_packed_export_round_trip(quantized, fmt, tmp_path):
+    # Tiny random models of every architecture: packed export, lowbit.load, same logits as the
+    # fake-quantized model (layers the standard layout cannot hold are stored dense).
+    from lowbit.export import export
+    from lowbit.runtime import QuantLinear
+    from lowbit.runtime.load import load_packed
+
+    r = quantized
+    out = export(r.result, str(tmp_path / fmt), fmt)
+    model, _ = load_packed(out)
+    n_packed = sum(isinstance(m, QuantLinear) for m in model.modules())
+    n_packable = sum(q.codes.shape[0] % 32 == 0 and q.codes.shape[1] % 32 == 0 and q.codes.shape[1] % GROUP == 0
+                     for q in r.result.layers.values())
+    assert n_packed == n_packable
+    got = logits(model, r.eval_ids)
+    rel = ((got - r.q_logits).norm() / r.q_logits.norm()).item()
+    assert rel < 2e-3, f"{r.arch.name}: relative logit difference {rel:.2e}"  # float16 storage
