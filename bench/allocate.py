@@ -77,6 +77,9 @@ def main():
     p.add_argument("--metric-samples", type=int, default=16, help="calibration windows for the metrics")
     p.add_argument("--metric-prescale", action="store_true",
                    help="score the options as prescaled (activation-weighted range) rather than rounded")
+    p.add_argument("--options", default=None,
+                   help="comma-separated schemes a layer may take (default W2/W3/W4/W8 at the model's group size); "
+                        "the uniform rows are the first options of 2, 3 and 4 bits")
     p.add_argument("--metric-tune-iters", type=int, default=0,
                    help="score the weights a SignRound of this many iterations gives per option (0: rounded)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "allocate"))
@@ -91,8 +94,11 @@ def main():
         _, tok = load_model(path)
         windows = make_windows(tokenize(tok, text_slice(calib)), args.nsamples, SEQLEN, seed=0)
         eval_tokens = tokenize(tok, text_slice(evaluation))
-        options = parse_options([f"W{b}A16G{group}" if group != 128 else f"W{b}A16" for b in (2, 3, 4, 8)])
-        by_bits = {s.bits: s for s in options.values()}
+        options = parse_options(args.options.split(",") if args.options else
+                                [f"W{b}A16G{group}" if group != 128 else f"W{b}A16" for b in (2, 3, 4, 8)])
+        by_bits = {}
+        for s in options.values():
+            by_bits.setdefault(s.bits, s)  # the uniform rows: the first option of each width
 
         def run(label, metric, schemes, target, alloc_s):
             model, _ = load_model(path)

@@ -27,8 +27,9 @@ def _add_alloc_args(p, required: bool = False):
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=SCHEME",
                    help="force a layer (name or regex) to a scheme; repeatable")
     p.add_argument("--min-bits", type=int, default=None, help="drop options below this bit width")
-    p.add_argument("--metric-tune-iters", type=int, default=0,
-                   help="score the weights a SignRound of N iterations gives for each option (default 0: rounded)")
+    p.add_argument("--metric-tune-iters", type=int, default=50,
+                   help="score the weights a SignRound of N iterations gives for each option "
+                        "(default 50; 0: score rounded weights, much faster, worse plans)")
 
 
 FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, gguf:q4_0|q8_0|q4_k|f16|f32; "
@@ -171,7 +172,8 @@ def _make_plan(model, tokenizer, args, nsamples: int, seqlen: int) -> dict:
             raise LowbitError(f"--fix takes LAYER=SCHEME, got {item!r}")
         fixed[layer] = scheme
     windows = calibration_windows(tokenizer, args.dataset, nsamples, seqlen, args.seed)
-    _say(args, f"scoring layers with {args.metric} on {len(windows)} windows, solving with {args.solver}")
+    tuned = f" after SignRound({args.metric_tune_iters} iters) per option" if args.metric_tune_iters else ""
+    _say(args, f"scoring layers with {args.metric} on {len(windows)} windows{tuned}, solving with {args.solver}")
     plan = make_plan(model, args.options, args.target_bits, windows, metric=args.metric, solver=args.solver,
                      tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits, tune_iters=args.metric_tune_iters)
     _say(args, f"plan: {plan['achieved_bits']:.3f} average bits (target {args.target_bits}); "

@@ -39,7 +39,7 @@ class SignRound:
     # torch.compile the quantize-dequantize (one fused kernel instead of ~20 passes over the
     # weights); None: on for CUDA blocks, where it pays (bench/gpu.py), off on CPU.
     compile: bool | None = None
-    # Mixed precision for the block's forward/backward (torch.autocast to bfloat16); None: on where
+    # Run the block in bfloat16 during tuning (parameters and loss stay float32); None: on where
     # bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16/AMX and blocks big enough to gain).
     amp: bool | None = None
 
@@ -168,6 +168,17 @@ def _fast_bf16(device_type: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def _cast_floats(obj, dtype):
+    """Floating tensors inside nested dicts / tuples / lists cast to dtype (block kwargs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(v, dtype) for v in obj)
+    return obj
+
+
 @functools.cache
 def _compiled_qdq():
     return torch.compile(fake_quantize_groups, dynamic=False)
@@ -187,12 +198,18 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     for p in frozen:
         p.requires_grad_(False)
 
+    # With amp the block runs in bf16 outright: quantized weights, its other parameters, inputs and
+    # float kwargs are cast once per step, the tuned parameters and the loss stay float32.
     amp = _amp_dtype(cfg, buckets)
+    run_dtype, kwargs, rest = dtype, data.kwargs, {}
+    if amp is not None:
+        tuned = {name + ".weight" for b in buckets for name, *_ in b.slices}
+        rest = {n: p.detach().to(amp) for n, p in block.named_parameters() if n not in tuned and p.is_floating_point()}
+        run_dtype, kwargs = amp, _cast_floats(data.kwargs, amp)
 
     def loss_on(idx):
-        w = {k: v for b in buckets for k, v in b.weights(dtype, qdq).items()}
-        with torch.autocast(buckets[0].w.device.type, dtype=amp, enabled=amp is not None):
-            out = block_output(functional_call(block, w, (data.inputs[idx],), data.kwargs))
+        w = {k: v for b in buckets for k, v in b.weights(run_dtype, qdq).items()}
+        out = block_output(functional_call(block, w | rest, (data.inputs[idx].to(run_dtype),), kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
