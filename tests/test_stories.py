@@ -99,3 +99,21 @@ def test_quantized_weights_on_grid(data):
         assert q.bits == 3 and q.group_size == 128
         assert torch.equal(mods[name].weight.detach(), q.dequantize())
         assert q.scale.shape[1] == (2 if mods[name].weight.shape[1] == 172 else 1)
+
+
+def test_bf16_tuning_close_to_fp32(data):
+    # amp=True: the block runs in bf16 (attention in fp32 on the CPU); the loss it reaches is close
+    # to fp32 tuning's, the weights are still float32 codes, and torch's SDPA is restored after.
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+    windows = data[0][:16]
+    losses = {}
+    for amp in (False, True):
+        model, _ = load_model(STORIES)
+        r = lowbit.quantize(model, "W4A16G32", lowbit.SignRound(iters=30, amp=amp), windows, progress=False)
+        assert all(b["amp"] == ("bfloat16" if amp else None) for b in r.report["blocks"])
+        assert next(model.parameters()).dtype == torch.float32
+        losses[amp] = sum(b["loss_best"] for b in r.report["blocks"])
+    assert F.scaled_dot_product_attention is sdpa
+    assert losses[True] < 1.1 * losses[False], losses
