@@ -147,8 +147,9 @@ AMP_MIN_BLOCK_WEIGHTS = 256 * 1024
 
 
 def _amp_dtype(cfg: SignRound, buckets) -> torch.dtype | None:
-    """The block's matmuls run in bfloat16 (parameters, quantize-dequantize and loss stay float32)
-    where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX for big enough blocks."""
+    """bfloat16 for the block during tuning (tuned parameters, quantize-dequantize and loss stay
+    float32) where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX for big
+    enough blocks. None: float32."""
     device = buckets[0].w.device
     if cfg.amp is not None:
         return torch.bfloat16 if cfg.amp else None
@@ -218,8 +219,8 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     for p in frozen:
         p.requires_grad_(False)
 
-    # With amp the block runs in bf16 outright: quantized weights, its other parameters, inputs and
-    # float kwargs are cast once per step, the tuned parameters and the loss stay float32.
+    # With amp the block runs in bf16 outright: its other parameters and float kwargs are cast once,
+    # the quantized weights and inputs at each step; the tuned parameters and the loss stay float32.
     amp = _amp_dtype(cfg, buckets)
     run_dtype, kwargs, rest = dtype, data.kwargs, {}
     if amp is not None:
