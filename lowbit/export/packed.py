@@ -116,15 +116,6 @@ def state_dict(model, layers: dict[str, QuantizedWeight], config: dict, dtype: t
             for k, v in sd.items()}
 
 
-def check_packable(layers_meta: dict[str, dict], fmt: str) -> None:
-    """Refuse before any work: bits without a packed layout. layers_meta: name -> {bits, sym, ...}."""
-    from lowbit.errors import LowbitError
-
-    for name, m in layers_meta.items():
-        if m["bits"] not in PACKED_BITS:
-            raise LowbitError(f"format {fmt} has no {m['bits']}-bit layout (layer {name}); it packs {', '.join(map(str, PACKED_BITS))} bits")
-
-
 def write_packed(result, folder: str, fmt: str) -> None:
     """Write `result` (a QuantizeResult) as an auto_round or gptq checkpoint into `folder`."""
     from safetensors.torch import save_file
