@@ -142,6 +142,9 @@ def test_format_checks():
         check_formats(parse_formats("gguf:q4_0"), [Scheme(3, 32, True)])
     with pytest.raises(LowbitError, match="symmetric only"):
         check_formats(parse_formats("gguf:q4_0"), [Scheme(4, 32, False)])
+    with pytest.raises(LowbitError, match="multiple of 32"):
+        check_formats(parse_formats("gguf:q8_0"), [Scheme(8, 48, True)])
+    check_formats(parse_formats("gguf:q4_0"), [Scheme(4, 128, True), Scheme(4, -1, True)])  # 32-blocks of the same scale
     with pytest.raises(LowbitError, match="llama"):
         check_formats(parse_formats("gguf:f16"), [], "gpt_neox")
     check_formats(parse_formats("auto_round,gguf:q4_k"), [Scheme(4, 128, False)], "llama")

@@ -17,7 +17,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.fake import check_out_dir, read_fake_layers, write_fake
 
 FORMATS = ("fake", "auto_round", "gptq", "gguf")
-GGUF_TYPES = {  # qtype -> (bits, group_size, sym) lowbit's weights must have to be stored exactly
+GGUF_TYPES = {  # qtype -> (bits, block size the groups must be a multiple of, sym) for an exact copy
     "q4_0": (4, 32, True),
     "q8_0": (8, 32, True),
     "q4_k": (4, None, None),  # requantized to llama.cpp's 6-bit sub-block scales: any 4-bit scheme
@@ -76,8 +76,9 @@ def check_formats(formats: list[Format], schemes, model_type: str | None = None)
                 name = f"gguf:{f.option}"
                 if s["bits"] != bits:
                     raise LowbitError(f"{name} stores {bits}-bit weights, the scheme has {s['bits']} bits")
-                if group is not None and s["group_size"] != group:
-                    raise LowbitError(f"{name} needs group size {group}, the scheme has {s['group_size']}")
+                if group is not None and s["group_size"] != -1 and s["group_size"] % group:
+                    raise LowbitError(f"{name} needs groups of a multiple of {group} (or per channel), "
+                                      f"the scheme has {s['group_size']}")
                 if sym is not None and s["sym"] != sym:
                     raise LowbitError(f"{name} is symmetric only; the scheme is asymmetric (use gguf:q4_k)")
         if f.name == "gguf" and model_type is not None and model_type != "llama":
