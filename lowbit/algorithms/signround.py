@@ -172,7 +172,7 @@ def _fast_bf16(device_type: str) -> bool:
 
 @contextmanager
 def _fp32_attention_on_cpu():
-    """On CPUs, bf16 scaled-dot-product attention is slower than fp32 (its backward by ~40%), so
+    """On CPUs, bf16 scaled-dot-product attention is slower than fp32 (bench/cpu_speed.py), so
     while a bf16 block is tuned, attention alone is computed in fp32. Restored on exit."""
     sdpa = F.scaled_dot_product_attention
 
