@@ -7,6 +7,7 @@ Needs a separate venv with auto-round (see bench/README.md); this script install
     /work/arvenv/bin/python bench/compare.py --quick             # iters 5, nsamples 16: a smoke test
     /work/arvenv/bin/python bench/compare.py --only stories260K-W2G32-i200 pycode-7m-W4G128-i200
     /work/arvenv/bin/python bench/compare.py --only W2G32 --tools autoround lowbit
+    /work/arvenv/bin/python bench/compare.py --only W4G128-i200 --seeds 0 1 2   # spread over seeds
 
 Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 ("default"
 preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. Tools per setting:
@@ -81,7 +82,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, windows_file: str) -> dict:
+def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, windows_file: str, seed: int) -> dict:
     t_start = time.perf_counter()
     import torch
 
@@ -89,23 +90,23 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
     from lowbit.eval import perplexity
     from lowbit.model import load_model, weight_modules
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     folder, group, _, evaluation, eval_windows = MODELS[model_name]
     model, tok = load_model(os.path.join(ASSETS, folder))
     before = {n: m.weight.detach().clone() for n, m in weight_modules(model).items()}
     row = {"setting": setting_name(model_name, bits, iters) if tool != "fp32" else f"{model_name}-fp32",
            "model": model_name, "tool": tool, "bits": bits, "group_size": group, "sym": True,
-           "iters": iters, "nsamples": nsamples, "seqlen": SEQLEN, "batch_size": BATCH, "seed": SEED,
+           "iters": iters, "nsamples": nsamples, "seqlen": SEQLEN, "batch_size": BATCH, "seed": seed,
            "threads": torch.get_num_threads()}
     quant_s = 0.0
     if tool != "fp32":
-        windows = calibration_windows(tok, torch.load(windows_file), nsamples, SEQLEN, SEED)
+        windows = calibration_windows(tok, torch.load(windows_file, weights_only=True), nsamples, SEQLEN, SEED)
         assert windows.shape == (nsamples, SEQLEN), windows.shape
         row["windows_sha256"] = windows_hash(windows)
         if tool.startswith("autoround"):
-            quant_s, extra = _autoround(model, tok, windows, bits, group, iters, nsamples, tool == "autoround-default")
+            quant_s, extra = _autoround(model, tok, windows, bits, group, iters, nsamples, seed, tool == "autoround-default")
         else:
-            quant_s, extra = _lowbit(model, tok, windows, bits, group, iters, nsamples, tool)
+            quant_s, extra = _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool)
         row.update(extra)
     row["peak_rss_quant_mb"] = rss_mb()
     changed = {n for n, w in before.items() if not torch.equal(w, weight_modules(model)[n].weight.detach().float())}
@@ -117,7 +118,7 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
     return row
 
 
-def _lowbit(model, tok, windows, bits, group, iters, nsamples, tool):
+def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     import lowbit
     import lowbit.pipeline
 
@@ -127,7 +128,7 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, tool):
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None)
     t0 = time.perf_counter()
     r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
-                        nsamples=nsamples, seqlen=SEQLEN, seed=SEED, progress=False)
+                        nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)
     quant_s = time.perf_counter() - t0
     blocks = r.report["blocks"]
     return quant_s, {
@@ -140,7 +141,7 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, tool):
     }
 
 
-def _autoround(model, tok, windows, bits, group, iters, nsamples, defaults):
+def _autoround(model, tok, windows, bits, group, iters, nsamples, seed, defaults):
     import torch
 
     import auto_round
@@ -196,7 +197,7 @@ def _autoround(model, tok, windows, bits, group, iters, nsamples, defaults):
     kw = {} if defaults else {"amp": False, "enable_torch_compile": False}
     t0 = time.perf_counter()
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, dataset=Recorded(w[None] for w in windows),
-                   iters=iters, nsamples=nsamples, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
+                   iters=iters, nsamples=nsamples, seqlen=SEQLEN, batch_size=BATCH, seed=seed,
                    low_gpu_mem_usage=False, device_map="cpu", **kw)
     t1 = time.perf_counter()
     qmodel, layer_config = ar.quantize()
@@ -230,13 +231,16 @@ def main():
                    help="run only settings whose name (e.g. stories260K-W2G32-i200) contains one of these")
     p.add_argument("--tools", nargs="+", default=TOOLS, choices=ALL_TOOLS)
     p.add_argument("--no-fp", action="store_true", help="skip the fp32 rows")
+    p.add_argument("--seeds", nargs="+", type=int, default=[SEED],
+                   help="tuning seeds (minibatch order; the windows stay the same): each run once per seed, "
+                        "and a summary of the spread")
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
-    p.add_argument("--one", nargs=6, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS"),
+    p.add_argument("--one", nargs=7, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS", "SEED"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        tool, m, b, it, ns, wf = args.one
-        print(json.dumps(run_one(tool, m, int(b), int(it), int(ns), wf)))
+        tool, m, b, it, ns, wf, seed = args.one
+        print(json.dumps(run_one(tool, m, int(b), int(it), int(ns), wf, int(seed))))
         return
 
     try:
@@ -270,20 +274,22 @@ def main():
         windows_files[m] = os.path.join(tmp, f"{m}.pt")
         torch.save(w, windows_files[m])
 
-    runs = [] if args.no_fp else [("fp32", m, 0, 0) for m in windows_files]
+    runs = [] if args.no_fp else [("fp32", m, 0, 0, SEED) for m in windows_files]
     for m, b, it in settings:
-        for tool in args.tools:
-            if tool == "lowbit-noprescale" and b > 3:
-                continue  # lowbit's default is already prescale off above 3 bits
-            if tool == "lowbit-arlayers" and not _ar_differs(m):
-                continue
-            runs.append((tool, m, b, it))
+        for seed in args.seeds:
+            for tool in args.tools:
+                if tool == "lowbit-noprescale" and b > 3:
+                    continue  # lowbit's default is already prescale off above 3 bits
+                if tool == "lowbit-arlayers" and not _ar_differs(m):
+                    continue
+                runs.append((tool, m, b, it, seed))
 
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    for tool, m, b, it in runs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, m, str(b), str(it), str(nsamples), windows_files[m]]
+    for tool, m, b, it, seed in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, m, str(b), str(it), str(nsamples),
+               windows_files[m], str(seed)]
         env = dict(os.environ, TQDM_DISABLE="1")
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -292,14 +298,14 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r.update(run_id=run_id, quick=args.quick, process_s=time.perf_counter() - t0, versions=versions)
         os.makedirs(LOGS, exist_ok=True)
-        with open(os.path.join(LOGS, f"{r['setting']}-{tool}.log"), "w") as f:
+        with open(os.path.join(LOGS, f"{r['setting']}-{tool}-s{seed}.log"), "w") as f:
             f.write(out.stderr)
         if tool.startswith("autoround"):
             r["log_tail"] = [l for l in out.stderr.splitlines() if "tuning time" in l or "Summary" in l or "lr" in l][-6:]
         rows.append(r)
         with open(args.out + ".jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"{r['setting']:26s} {tool:18s} ppl {r['ppl']:9.3f}  quant {r['quant_s']:7.1f}s  "
+        print(f"{r['setting']:26s} {tool:18s} seed {seed} ppl {r['ppl']:9.3f}  quant {r['quant_s']:7.1f}s  "
               f"total {r['total_s']:6.1f}s  {r['peak_rss_mb']:6.0f} MB", file=sys.stderr, flush=True)
     hashes = {}
     for r in rows:
@@ -345,23 +351,40 @@ def short_layers(names: list[str]) -> str:
 
 
 def markdown(rows, versions, nsamples, quick) -> str:
-    ar_time = {r["setting"]: r["quant_s"] for r in rows if r["tool"] == "autoround"}
+    """One row per run; the time columns divide by auto-round's time on the same setting and seed
+    (fp32 tuning, and its CPU defaults), where that run is in the table. With several seeds, a
+    second table gives each (setting, tool) its mean and range."""
+    ar = {(r["setting"], r["seed"], r["tool"]): r["quant_s"] for r in rows if r["tool"].startswith("autoround")}
+
+    def ratio(r, tool):
+        t = ar.get((r["setting"], r["seed"], tool))
+        return f"{r['quant_s'] / t:.2f}" if r["tool"] != "fp32" and t else ""
+
     lines = [
         f"Machine: {platform.machine()}, {versions['cores']} cores, Python {versions['python']}, torch {versions['torch']}, "
         f"transformers {versions['transformers']}, auto-round {versions['auto_round']}; nsamples {nsamples}, "
-        f"seqlen {SEQLEN}, batch {BATCH}, seed {SEED}, symmetric{' (QUICK: not comparable)' if quick else ''}.",
+        f"seqlen {SEQLEN}, batch {BATCH}, windows of seed {SEED}, symmetric{' (QUICK: not comparable)' if quick else ''}.",
         "",
-        "| setting | tool | ppl | quant wall (s) | total (s) | peak RSS (MB) | unquantized layers | time / auto-round |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | tool | seed | ppl | quant wall (s) | total (s) | peak RSS (MB) | unquantized layers "
+        "| time / autoround | time / autoround-default |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = ""
-        if r["tool"] != "fp32" and r["setting"] in ar_time and ar_time[r["setting"]] > 0:
-            ratio = f"{r['quant_s'] / ar_time[r['setting']]:.2f}"
         lines.append(
-            f"| {r['setting']} | {r['tool']} | {r['ppl']:.3f} | {r['quant_s']:.1f} | {r['total_s']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {'(all)' if r['tool'] == 'fp32' else short_layers(r['unquantized']) or '-'} | {ratio} |"
+            f"| {r['setting']} | {r['tool']} | {r['seed']} | {r['ppl']:.3f} | {r['quant_s']:.1f} | {r['total_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {'(all)' if r['tool'] == 'fp32' else short_layers(r['unquantized']) or '-'} | "
+            f"{ratio(r, 'autoround')} | {ratio(r, 'autoround-default')} |"
         )
+    if len({r["seed"] for r in rows if r["tool"] != "fp32"}) > 1:
+        lines += ["", "| setting | tool | seeds | ppl mean | ppl min-max | quant wall mean (s) |", "|---|---|---|---|---|---|"]
+        groups: dict = {}
+        for r in rows:
+            if r["tool"] != "fp32":
+                groups.setdefault((r["setting"], r["tool"]), []).append(r)
+        for (setting, tool), rs in groups.items():
+            ppl = [r["ppl"] for r in rs]
+            lines.append(f"| {setting} | {tool} | {len(rs)} | {sum(ppl) / len(ppl):.3f} | {min(ppl):.3f}-{max(ppl):.3f} | "
+                         f"{sum(r['quant_s'] for r in rs) / len(rs):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -102,7 +102,7 @@ def test_quantized_weights_on_grid(data):
 
 
 def test_bf16_tuning_close_to_fp32(data):
-    # amp=True: the block runs in bf16 (attention in fp32 on the CPU); the loss it reaches is close
+    # amp=True: the block runs in bf16 (attention as bf16 matmuls on the CPU); the loss it reaches is close
     # to fp32 tuning's, the weights are still float32 codes, and torch's SDPA is restored after.
     import torch.nn.functional as F
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
+from lowbit.algorithms.cpu_attention import bf16_attention
 from lowbit.algorithms.prescale import search_range_factors
 from lowbit.model import block_output
-from lowbit.qdq import fake_quantize_groups, from_groups, n_groups, quantize, to_groups
+from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, from_groups, group_range, n_groups, quantize, to_groups
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,12 @@ class SignRound:
     # layers of 3 bits or fewer, where it helps (BENCHMARKS.md).
     prescale: bool | None = None
     minmax_max: float = 1.0  # upper bound of the min/max factors (1: the range only shrinks)
-    # torch.compile the quantize-dequantize (one fused kernel instead of ~20 passes over the
-    # weights); None: on for CUDA blocks, where it pays (bench/gpu.py), off on CPU.
+    # torch.compile the quantize-dequantize (one fused kernel); None: on for CUDA blocks, where it
+    # pays (bench/gpu.py). Off, a hand-written backward does it in a few passes over the weights.
     compile: bool | None = None
     # Run the block in bfloat16 during tuning (parameters and loss stay float32); None: on where
-    # bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16/AMX and blocks big enough to gain).
+    # bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16/AMX). On a CPU its attention then runs as
+    # plain bf16 matmuls (cpu_attention.py).
     amp: bool | None = None
 
     name: ClassVar[str] = "signround"
@@ -85,6 +87,7 @@ class _Bucket:
             self.slices.append((name, start, start + n, out_f, in_f))
             start += n
         self.w = torch.cat(rows)
+        self.range = group_range(self.w)  # fixed: only the factors on it are tuned
         self.bits = torch.cat(bits).to(self.w.device)
         self.v = torch.zeros_like(self.w, requires_grad=True)
         self.mn = torch.cat(factors).requires_grad_(True)
@@ -93,8 +96,11 @@ class _Bucket:
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
 
-    def weights(self, dtype, qdq=fake_quantize_groups) -> dict[str, torch.Tensor]:
-        wq = qdq(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
+    def weights(self, dtype, compiled=None) -> dict[str, torch.Tensor]:
+        if compiled is not None:
+            wq = compiled(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
+        else:
+            wq = fake_quantize_tuned(self.w, self.bits, self.sym, self.v, self.mn, self.mx, self.range, dtype)
         # torch.split, not slicing: its backward is one concatenation, where each slice's backward
         # would fill and add a zero gradient the size of the whole bucket.
         parts = torch.split(wq, [b - a for _, a, b, _, _ in self.slices])
@@ -141,21 +147,12 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + batch_size]
 
 
-# Below this many weights per block the matmuls are too small for bf16 to pay on a CPU (Python and
-# elementwise work dominate; stories260K's 50k-weight blocks got slower).
-AMP_MIN_BLOCK_WEIGHTS = 256 * 1024
-
-
 def _amp_dtype(cfg: SignRound, buckets) -> torch.dtype | None:
     """bfloat16 for the block during tuning (tuned parameters, quantize-dequantize and loss stay
-    float32) where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX for big
-    enough blocks. None: float32."""
-    device = buckets[0].w.device
+    float32) where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX. None: float32."""
     if cfg.amp is not None:
         return torch.bfloat16 if cfg.amp else None
-    if device.type == "cpu" and sum(b.w.numel() for b in buckets) < AMP_MIN_BLOCK_WEIGHTS:
-        return None
-    return torch.bfloat16 if _fast_bf16(device.type) else None
+    return torch.bfloat16 if _fast_bf16(buckets[0].w.device.type) else None
 
 
 @functools.cache
@@ -168,25 +165,6 @@ def _fast_bf16(device_type: str) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-@contextmanager
-def _fp32_attention_on_cpu():
-    """On CPUs, bf16 scaled-dot-product attention is slower than fp32 (bench/cpu_speed.py), so
-    while a bf16 block is tuned, attention alone is computed in fp32. Restored on exit."""
-    sdpa = F.scaled_dot_product_attention
-
-    def upcast(*args, **kwargs):
-        q = args[0] if args else kwargs["query"]
-        if q.device.type != "cpu" or q.dtype != torch.bfloat16:
-            return sdpa(*args, **kwargs)
-        return sdpa(*_cast_floats(args, torch.float32), **_cast_floats(kwargs, torch.float32)).to(q.dtype)
-
-    F.scaled_dot_product_attention = upcast
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = sdpa
 
 
 def _cast_floats(obj, dtype):
@@ -209,7 +187,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     t0 = time.perf_counter()
     buckets = _buckets(layers, _prescale(cfg, layers, data.importance))
     on_cuda = buckets[0].w.is_cuda
-    qdq = _compiled_qdq() if (cfg.compile if cfg.compile is not None else on_cuda) else fake_quantize_groups
+    compiled = _compiled_qdq() if (cfg.compile if cfg.compile is not None else on_cuda) else None
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
     lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
@@ -219,23 +197,23 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     for p in frozen:
         p.requires_grad_(False)
 
-    # With amp the block runs in bf16 outright: its other parameters and float kwargs are cast once,
-    # the quantized weights and inputs at each step; the tuned parameters and the loss stay float32.
+    # With amp the block runs in bf16 outright: its other parameters, the inputs and float kwargs are
+    # cast once, the quantized weights at each step; the tuned parameters and the loss stay float32.
     amp = _amp_dtype(cfg, buckets)
-    run_dtype, kwargs, rest = dtype, data.kwargs, {}
+    run_dtype, inputs, kwargs, rest = dtype, data.inputs, data.kwargs, {}
     if amp is not None:
         tuned = {name + ".weight" for b in buckets for name, *_ in b.slices}
         rest = {n: p.detach().to(amp) for n, p in block.named_parameters() if n not in tuned and p.is_floating_point()}
-        run_dtype, kwargs = amp, _cast_floats(data.kwargs, amp)
+        run_dtype, inputs, kwargs = amp, data.inputs.to(amp), _cast_floats(data.kwargs, amp)
 
     def loss_on(idx):
-        w = {k: v for b in buckets for k, v in b.weights(run_dtype, qdq).items()}
-        out = block_output(functional_call(block, w | rest, (data.inputs[idx].to(run_dtype),), kwargs))
+        w = {k: v for b in buckets for k, v in b.weights(run_dtype, compiled).items()}
+        out = block_output(functional_call(block, w | rest, (inputs[idx].to(run_dtype),), kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
     first_loss = None
-    attention = _fp32_attention_on_cpu() if amp is not None else nullcontext()
+    attention = bf16_attention() if amp is not None and not on_cuda else nullcontext()
     with attention:
         try:
             for t in range(cfg.iters):

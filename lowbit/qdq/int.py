@@ -62,21 +62,27 @@ class QuantizedWeight:
         return from_groups(wg, in_f).to(dtype)
 
 
+def group_range(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's min (<= 0) and max (>= 0), [..., 1]: the range before any shrinking."""
+    return wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
+
+
 def group_params(
     wg: torch.Tensor,
     bits: torch.Tensor | int,
     sym: bool,
     min_scale: torch.Tensor | None = None,
     max_scale: torch.Tensor | None = None,
+    wrange: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per group of wg [..., g]; shapes [..., 1].
 
     bits may be a tensor broadcastable to [..., 1] (several bit widths in one call).
     min_scale / max_scale shrink the group's range (SignRound's learnable factors), [..., 1].
+    wrange: group_range(wg) if already known (wg is then not read).
     """
-    bits = torch.as_tensor(bits, device=wg.device, dtype=wg.dtype)
-    wmin = wg.amin(dim=-1, keepdim=True).clamp(max=0)
-    wmax = wg.amax(dim=-1, keepdim=True).clamp(min=0)
+    wmin, wmax = wrange if wrange is not None else group_range(wg)
+    bits = torch.as_tensor(bits, device=wmin.device, dtype=wmin.dtype)
     if min_scale is not None:
         wmin = wmin * min_scale
     if max_scale is not None:
@@ -112,8 +118,54 @@ def fake_quantize_groups(
     x = wg / scale
     if v is not None:
         x = x + v
-    q = torch.minimum((round_ste(x) + zero).clamp(min=0), maxq)
+    q = (round_ste(x) + zero).clamp(min=0).clamp(max=maxq)
     return (q - zero) * scale
+
+
+def fake_quantize_tuned(
+    wg: torch.Tensor,
+    bits: torch.Tensor | int,
+    sym: bool,
+    v: torch.Tensor,
+    min_scale: torch.Tensor,
+    max_scale: torch.Tensor,
+    wrange: tuple[torch.Tensor, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """fake_quantize_groups for tuning: the same values, and the same gradients in v and the
+    factors (none in wg, which is fixed), in about a third of the passes over the weights. The
+    per-group part (tiny) stays with autograd; the per-weight part has its backward written out,
+    where autograd would keep and replay a chain of ~20 elementwise ops. The result is cast to
+    dtype in the same pass."""
+    bits_t = torch.as_tensor(bits, device=wg.device, dtype=wg.dtype)
+    scale, zero = group_params(wg, bits_t, sym, min_scale, max_scale, wrange)
+    return _RoundTrip.apply(wg, v, scale, zero, 2**bits_t - 1, dtype or wg.dtype)
+
+
+class _RoundTrip(torch.autograd.Function):
+    """(clamp(round(w / scale + v) + zero, 0, maxq) - zero) * scale, straight-through round.
+    Boolean masks are avoided: on CPUs, where/masked_fill with them cost 10-20x a float multiply."""
+
+    @staticmethod
+    def forward(ctx, w, v, scale, zero, maxq, dtype):
+        t = torch.div(w, scale).add_(v).round_().add_(zero)
+        q = t.clamp(min=0).clamp_(max=maxq)
+        inside = torch.eq(q, t, out=t)  # 1.0 where not clamped (the gradient passes), else 0.0
+        qz = q.sub_(zero)
+        out = torch.empty(w.shape, dtype=dtype, device=w.device)
+        torch.mul(qz, scale, out=out)
+        ctx.save_for_backward(w, scale, qz, inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        w, scale, qz, inside = ctx.saved_tensors
+        g = g.float()
+        gin = g * inside
+        grad_v = gin * scale
+        # d out / d scale = (q - zero) - inside * w / scale, summed over the group.
+        grad_scale = (g * qz).sum(-1, keepdim=True) - (gin * w).sum(-1, keepdim=True) / scale
+        return None, grad_v, grad_scale, None, None, None
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

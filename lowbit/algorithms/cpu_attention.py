@@ -1,0 +1,92 @@
+"""Attention for SignRound's tuning steps on a CPU with fast bfloat16 (AVX512-BF16 / AMX).
+
+At tuning shapes (a few hundred tokens, small heads) torch's fused CPU attention kernel computes
+in float32 whatever the input, and its backward recomputes the softmax: it costs 2-3x more than
+three plain bf16 batched matmuls with the scores kept (bench/cpu_speed.py). While a block is
+tuned, `bf16_attention()` routes F.scaled_dot_product_attention through `attention` below, for
+CPU inputs whose score matrix is small enough to hold; everything else goes to torch's kernel.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+# Beyond this many attention scores per call (batch x heads x queries x keys) torch's kernel,
+# which never holds them all, is used instead: the scores and their softmax are kept for backward.
+MAX_SCORES = 32 * 1024 * 1024
+CAUSAL_CHUNKS = 2
+
+
+@contextmanager
+def bf16_attention():
+    """Within the block, F.scaled_dot_product_attention on CPU tensors runs `attention`."""
+    sdpa = F.scaled_dot_product_attention
+
+    def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "cpu" or dropout_p > 0 or not _small(query, key):
+            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        return attention(query, key, value, attn_mask, is_causal, scale)
+
+    F.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def _small(query, key) -> bool:
+    return query.shape[:-2].numel() * query.shape[-2] * key.shape[-2] <= MAX_SCORES
+
+
+def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v in bf16, the output in the query's dtype. query [..., H, L, D];
+    key/value [..., Hkv, S, D] with H a multiple of Hkv (grouped-query heads share a key/value head,
+    as repeat_interleave would give them, without copying it). attn_mask: bool (True = attend) or
+    additive, broadcastable to [..., H, L, S]."""
+    dtype, bf = query.dtype, torch.bfloat16
+    *lead, h, length, d = query.shape
+    hk, s = key.shape[-3], key.shape[-2]
+    rep = h // hk
+    scale = scale if scale is not None else d**-0.5
+    q, k, v = (query * scale).to(bf), key.to(bf), value.to(bf)
+    if attn_mask is None:
+        # The heads sharing a key/value head become one taller matrix of queries: [B*Hkv, rep*L, D].
+        n = torch.Size(lead).numel() * hk
+        q, k, v = q.reshape(n, rep, length, d), k.reshape(n, s, d), v.reshape(n, s, d)
+        if not is_causal:
+            scores = torch.bmm(q.reshape(n, rep * length, d), k.transpose(1, 2))
+            return torch.bmm(scores.softmax(-1), v).view(*lead, h, length, d).to(dtype)
+        # Causal: queries in chunks, each against the keys up to its last position only, which
+        # skips most of the masked upper triangle (3/8 of the scores with 4 chunks).
+        chunks = max(1, min(CAUSAL_CHUNKS, length // 64)) if length == s else 1
+        bounds = [length * i // chunks for i in range(chunks + 1)]
+        outs = []
+        for a, b in zip(bounds, bounds[1:]):
+            qc = q[:, :, a:b].reshape(n, rep * (b - a), d)
+            kc, vc = k[:, : b if length == s else s], v[:, : b if length == s else s]
+            bias = _causal_bias(a, b, kc.shape[1], rep, query.device)
+            scores = torch.baddbmm(bias, qc, kc.transpose(1, 2))
+            outs.append(torch.bmm(scores.softmax(-1), vc).view(n, rep, b - a, d))
+        out = outs[0] if chunks == 1 else torch.cat(outs, dim=2)
+        return out.view(*lead, h, length, d).to(dtype)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=bf, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))
+    scores = q @ k.transpose(-1, -2) + attn_mask.to(bf)
+    if is_causal:
+        scores = scores + _causal_bias(0, length, s, 1, query.device)
+    return (scores.softmax(-1) @ v).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _causal_bias(a: int, b: int, s: int, rep: int, device: torch.device) -> torch.Tensor:
+    """[rep*(b-a), S] additive bf16 mask for query positions a..b-1 (of each of rep stacked heads):
+    query i sees keys <= i (upper-left aligned, as torch's is_causal)."""
+    i = torch.arange(a, b, device=device)[:, None]
+    bias = torch.zeros(b - a, s, device=device).masked_fill_(torch.arange(s, device=device) > i, float("-inf"))
+    return bias.to(torch.bfloat16).repeat(rep, 1)
