@@ -1,12 +1,15 @@
-"""Why SignRound runs blocks in bf16 with fp32 attention on this CPU: the measurements.
+"""Why SignRound tunes the way it does on a CPU with fast bf16 (AVX512-BF16 / AMX): the measurements.
 
-    python bench/cpu_speed.py       # ~1 minute on 2 cores; run it alone
+    python bench/cpu_speed.py       # ~2 minutes on 2 cores; run it alone
 
 1. A pycode-7m-sized matmul (2048x256 @ 256x768) in fp32 and bf16.
-2. Causal scaled-dot-product attention, forward + backward, at pycode-7m's shape (batch 8,
-   8 heads, 256 tokens, head size 32) in fp32 and bf16.
-3. SignRound ms/iteration on pycode-7m (W4A16, 32 windows of 256, 40 iterations) with amp off
-   and on, and where the CPU time of an fp32 iteration goes (torch.profiler, one block).
+2. Causal attention, forward + backward, at pycode-7m's shape (batch 8, 8 query heads sharing 4
+   key/value heads, 256 tokens, head size 32) and stories260K's (head size 8): torch's SDPA in fp32
+   and bf16, and lowbit's bf16 attention (lowbit/algorithms/cpu_attention.py).
+3. The quantize-dequantize of a pycode-7m block's weights (786k, W4 G128), forward + backward:
+   autograd through the reference formula vs the fused one with its written-out backward.
+4. SignRound ms/iteration on both models (W4A16, 32 windows of 256, 40 iterations), amp off and on,
+   and where the CPU time of one default (amp) iteration on a pycode-7m block goes (torch.profiler).
 """
 from __future__ import annotations
 
@@ -23,50 +26,85 @@ import lowbit  # noqa: E402
 from lowbit.calib import calibration_windows  # noqa: E402
 from lowbit.model import load_model  # noqa: E402
 
-PYCODE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets", "models", "pycode-7m")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
+PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
+STORIES = os.path.join(ASSETS, "models", "stories260K")
+STORIES_TEXT = os.path.join(ASSETS, "text", "tinystories_valid_prefix.txt")
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn, reps: int, rounds: int = 5) -> float:
+    """ms per call: the best of `rounds` rounds of `reps` calls (as timeit), which leaves out the
+    other work of a shared machine."""
     for _ in range(3):
         fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps * 1e3
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps * 1e3)
+    return best
 
 
 def main():
+    from lowbit.algorithms.cpu_attention import attention as bf16_attention
+    from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, group_range
+
     torch.manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
         a, b = torch.randn(2048, 256, dtype=dt), torch.randn(256, 768, dtype=dt)
         print(f"matmul 2048x256 @ 256x768 {str(dt):15s} {timed(lambda: a @ b, 200):6.2f} ms")
-    for dt in (torch.float32, torch.bfloat16):
-        q, k, v = (torch.randn(8, 8, 256, 32, dtype=dt, requires_grad=True) for _ in range(3))
 
-        def attention():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    for d in (32, 8):
+        for name, dt, fn in [
+            ("torch SDPA", torch.float32, lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)),
+            ("torch SDPA", torch.bfloat16, lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, enable_gqa=True)),
+            ("lowbit bf16 attention", torch.bfloat16, lambda *t: bf16_attention(*t, is_causal=True)),
+        ]:
+            q = torch.randn(8, 8, 256, d, dtype=dt, requires_grad=True)
+            k, v = (torch.randn(8, 4, 256, d, dtype=dt, requires_grad=True) for _ in range(2))
+            ms = timed(lambda: fn(q, k, v).sum().backward(), 20)
+            print(f"attention fwd+bwd, head size {d:2d}: {name:22s} {str(dt):15s} {ms:6.2f} ms")
 
-        print(f"attention fwd+bwd          {str(dt):15s} {timed(attention, 20):6.2f} ms")
+    rows = 786432 // 128
+    wg, bits = torch.randn(rows, 128), torch.full((rows, 1), 4.0)
+    v = torch.zeros_like(wg, requires_grad=True)
+    mn, mx = (torch.ones(rows, 1, requires_grad=True) for _ in range(2))
+    g, wrange = torch.randn(rows, 128).bfloat16(), group_range(wg)
+    ref = timed(lambda: fake_quantize_groups(wg, bits, True, v, mn, mx).to(torch.bfloat16).backward(g), 50)
+    fused = timed(lambda: fake_quantize_tuned(wg, bits, True, v, mn, mx, wrange, torch.bfloat16).backward(g), 50)
+    print(f"quantize-dequantize fwd+bwd, 786k weights: autograd {ref:5.2f} ms, fused {fused:5.2f} ms")
 
-    model, tok = load_model(PYCODE)
-    windows = calibration_windows(tok, os.path.join(PYCODE, "calib.txt"), 32, 256, 0)
-    for amp in (False, True):
-        model, _ = load_model(PYCODE)
-        r = lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=40, amp=amp), windows, progress=False)
-        ms = [b["seconds_per_iter"] * 1e3 for b in r.report["blocks"]]
-        print(f"SignRound pycode-7m W4A16 amp={amp!s:5s}: {sum(ms) / len(ms):5.1f} ms/iter (mean of {len(ms)} blocks)")
+    for name, path, calib, scheme in [
+        ("pycode-7m", PYCODE, os.path.join(PYCODE, "calib.txt"), "W4A16"),
+        ("stories260K", STORIES, STORIES_TEXT, "W4A16G32"),
+    ]:
+        model, tok = load_model(path)
+        windows = calibration_windows(tok, calib, 32, 256, 0)
+        for amp in (False, True):
+            model, _ = load_model(path)
+            r = lowbit.quantize(model, scheme, lowbit.SignRound(iters=40, amp=amp), windows, progress=False)
+            ms = [b["seconds_per_iter"] * 1e3 for b in r.report["blocks"]]
+            print(f"SignRound {name} {scheme} amp={amp!s:5s}: {sum(ms) / len(ms):5.1f} ms/iter (mean of {len(ms)} blocks)")
 
     from torch.profiler import ProfilerActivity, profile
 
-    model, _ = load_model(PYCODE)
+    model, tok = load_model(PYCODE)
+    windows = calibration_windows(tok, os.path.join(PYCODE, "calib.txt"), 32, 256, 0)
     model.model.layers = model.model.layers[:1]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=20, amp=False), windows, progress=False)
+        lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=20), windows, progress=False)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
-    att = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
-    print(f"fp32 SignRound on one pycode-7m block: matmuls {mm / total:.0%}, attention {att / total:.0%} of CPU time")
+    parts = {
+        "matmuls": ("aten::mm", "aten::addmm"),
+        "attention (bmm, softmax)": ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data"),
+    }
+    shares = {k: sum(e.self_cpu_time_total for e in events if e.key in keys) / total for k, keys in parts.items()}
+    # the fused quantize-dequantize's own ops are its children: count them inclusively
+    shares["quantize-dequantize"] = sum(e.cpu_time_total for e in events if e.key in ("_RoundTrip", "_RoundTripBackward")) / total
+    print("default SignRound on one pycode-7m block, share of CPU time: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f", rest {1 - sum(shares.values()):.0%}")
 
 
 if __name__ == "__main__":

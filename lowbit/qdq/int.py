@@ -160,11 +160,12 @@ class _RoundTrip(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w, scale, qz, inside = ctx.saved_tensors
-        g = g.float()
+        g = g.float() if g.dtype != torch.float32 else g.clone()
         gin = g * inside
         grad_v = gin * scale
-        # d out / d scale = (q - zero) - inside * w / scale, summed over the group.
-        grad_scale = (g * qz).sum(-1, keepdim=True) - (gin * w).sum(-1, keepdim=True) / scale
+        # d out / d scale = (q - zero) - inside * w / scale, summed over the group (in place: no
+        # more weight-sized buffers than needed).
+        grad_scale = g.mul_(qz).sum(-1, keepdim=True) - gin.mul_(w).sum(-1, keepdim=True) / scale
         return None, grad_v, grad_scale, None, None, None
 
 
