@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=None, help="windows per tuning step (default 8)")
     q.add_argument("--prescale", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-weighted range search before tuning (default: on at <= 3 bits)")
+    q.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the block in bfloat16 while tuning (default: where bf16 is fast, i.e. CUDA and "
+                        "CPUs with AVX512-BF16/AMX); --no-bf16 tunes in float32")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
     q.add_argument("--seed", type=int, default=0)
@@ -105,7 +108,8 @@ def cmd_quantize(args) -> None:
     if args.bits is not None:
         scheme = scheme.replace(bits=args.bits)
     algo_preset, pipe_preset = PRESETS[args.preset]
-    settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale}
+    settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale,
+                "amp": args.bf16}
     if args.algorithm.lower() == "signround":
         settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
     algo = lowbit.get_algorithm(args.algorithm, **settings)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lowbit import __version__
 from lowbit.algorithms import BlockData, get_algorithm
+from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import InputEnergy
 from lowbit.calib import calibration_windows, windows_hash
 from lowbit.errors import LowbitError
@@ -120,6 +121,9 @@ def quantize(
         fp_in = q_in
         report["calibration"]["capture_seconds"] = time.perf_counter() - t0
 
+    # The full-precision targets and the next block's inputs are computed in the dtype the algorithm
+    # tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
+    fwd_dtype = algo.tuning_dtype(device) if hasattr(algo, "tuning_dtype") else None
     quantized: dict[str, QuantizedWeight] = {}
     # The bar only on a terminal; the per-block lines always (logs and CI read them).
     bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
@@ -132,7 +136,8 @@ def quantize(
         if algo.needs_data:
             batch = getattr(algo, "batch_size", 8)
             energy = InputEnergy(block_layers[i]) if algo_needs_importance(algo, layers) else None
-            targets = run_block(block, fp_in, kwargs[i], batch)
+            with attention_context(fwd_dtype, device):
+                targets = run_block(block, fp_in, kwargs[i], batch, fwd_dtype)
             data = BlockData(q_in, kwargs[i], targets, energy.remove() if energy else None)
         result = algo.quantize_block(block, layers, data, seed=seed + i)
         with torch.no_grad():
@@ -140,7 +145,8 @@ def quantize(
                 lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
                 quantized[f"{blocks_name}.{i}.{n}"] = result.weights[n]
         if algo.needs_data:
-            q_in = run_block(block, q_in, kwargs[i], batch)
+            with attention_context(fwd_dtype, device):
+                q_in = run_block(block, q_in, kwargs[i], batch, fwd_dtype)
             fp_in = targets
         block.to(home)
         stats = {"index": i, **result.stats, "seconds": time.perf_counter() - t0}

@@ -251,9 +251,15 @@ def test_captured_inputs_reproduce_the_model(arch):
     assert name == arch.blocks
     x, kwargs = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
     torch.testing.assert_close(x, hidden[0])
+    x0, params = x, [p.clone() for p in model.parameters()]
     for i in range(len(blocks) - 1):  # the last hidden state has the final norm applied
         x = run_block(blocks[i], x, kwargs[i], 2)
         torch.testing.assert_close(x, hidden[i + 1], rtol=1e-5, atol=1e-5)
+    # in bf16 (as SignRound's targets where bf16 is fast): float32 out, close, the block untouched
+    half = run_block(blocks[0], x0, kwargs[0], 2, torch.bfloat16)
+    assert half.dtype == torch.float32
+    assert (half - hidden[1]).norm() < 0.02 * hidden[1].norm()
+    assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
 
 
 MIXED = {

@@ -9,7 +9,7 @@ CPU inputs whose score matrix is small enough to hold; everything else goes to t
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,11 @@ import torch.nn.functional as F
 # which never holds them all, is used instead: the scores and their softmax are kept for backward.
 MAX_SCORES = 32 * 1024 * 1024
 CAUSAL_CHUNKS = 2
+
+
+def attention_context(dtype: torch.dtype | None, device: torch.device):
+    """bf16_attention() for a bf16 block on the CPU, else nothing."""
+    return bf16_attention() if dtype == torch.bfloat16 and device.type == "cpu" else nullcontext()
 
 
 @contextmanager

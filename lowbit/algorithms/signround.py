@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
-from lowbit.algorithms.cpu_attention import bf16_attention
+from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors
-from lowbit.model import block_output
+from lowbit.model import block_output, cast_floats
 from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, from_groups, group_range, n_groups, quantize, to_groups
 
 
@@ -64,6 +63,13 @@ class SignRound:
 
     def needs_importance(self, schemes) -> bool:
         return any(self.uses_prescale(s.bits) for s in schemes)
+
+    def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bfloat16 where the block runs in it while tuned (see `amp`), else None (its own dtype).
+        The pipeline computes the block's targets and outputs in the same dtype."""
+        if self.amp is not None:
+            return torch.bfloat16 if self.amp else None
+        return torch.bfloat16 if _fast_bf16(device.type) else None
 
     def quantize_block(self, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
         return signround_block(self, block, layers, data, seed)
@@ -147,14 +153,6 @@ def _batches(n: int, batch_size: int, gen: torch.Generator):
             yield perm[i : i + batch_size]
 
 
-def _amp_dtype(cfg: SignRound, buckets) -> torch.dtype | None:
-    """bfloat16 for the block during tuning (tuned parameters, quantize-dequantize and loss stay
-    float32) where the hardware has fast bf16: CUDA, and CPUs with AVX512-BF16 or AMX. None: float32."""
-    if cfg.amp is not None:
-        return torch.bfloat16 if cfg.amp else None
-    return torch.bfloat16 if _fast_bf16(buckets[0].w.device.type) else None
-
-
 @functools.cache
 def _fast_bf16(device_type: str) -> bool:
     if device_type == "cuda":
@@ -165,17 +163,6 @@ def _fast_bf16(device_type: str) -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def _cast_floats(obj, dtype):
-    """Floating tensors inside nested dicts / tuples / lists cast to dtype (block kwargs)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_floats(v, dtype) for v in obj)
-    return obj
 
 
 @functools.cache
@@ -199,12 +186,12 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
 
     # With amp the block runs in bf16 outright: its other parameters, the inputs and float kwargs are
     # cast once, the quantized weights at each step; the tuned parameters and the loss stay float32.
-    amp = _amp_dtype(cfg, buckets)
+    amp = cfg.tuning_dtype(buckets[0].w.device)
     run_dtype, inputs, kwargs, rest = dtype, data.inputs, data.kwargs, {}
     if amp is not None:
         tuned = {name + ".weight" for b in buckets for name, *_ in b.slices}
         rest = {n: p.detach().to(amp) for n, p in block.named_parameters() if n not in tuned and p.is_floating_point()}
-        run_dtype, inputs, kwargs = amp, data.inputs.to(amp), _cast_floats(data.kwargs, amp)
+        run_dtype, inputs, kwargs = amp, data.inputs.to(amp), cast_floats(data.kwargs, amp)
 
     def loss_on(idx):
         w = {k: v for b in buckets for k, v in b.weights(run_dtype, compiled).items()}
@@ -213,8 +200,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
     first_loss = None
-    attention = bf16_attention() if amp is not None and not on_cuda else nullcontext()
-    with attention:
+    with attention_context(amp, buckets[0].w.device):
         try:
             for t in range(cfg.iters):
                 loss = loss_on(next(batches))
@@ -222,15 +208,17 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
                 if first_loss is None:
                     first_loss = value
                 if value < best_loss:
-                    best_loss, best = value, [p.detach().clone() for p in params]
+                    best_loss = value
+                    for kept, p in zip(best, params):
+                        kept.copy_(p.detach())
                 loss.backward()
                 step = lr * (1 - t / cfg.iters)
-                with torch.no_grad():
+                with torch.no_grad():  # signed step, in place
                     for b in buckets:
-                        b.v.sub_(step * b.v.grad.sign()).clamp_(-0.5, 0.5)
+                        b.v.add_(b.v.grad.sign_(), alpha=-step).clamp_(-0.5, 0.5)
                         if cfg.tune_minmax:
-                            b.mn.sub_(step * b.mn.grad.sign()).clamp_(0, cfg.minmax_max)
-                            b.mx.sub_(step * b.mx.grad.sign()).clamp_(0, cfg.minmax_max)
+                            b.mn.add_(b.mn.grad.sign_(), alpha=-step).clamp_(0, cfg.minmax_max)
+                            b.mx.add_(b.mx.grad.sign_(), alpha=-step).clamp_(0, cfg.minmax_max)
                     for p in params:
                         p.grad = None
         finally:
