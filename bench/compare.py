@@ -17,6 +17,7 @@ preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. 
     autoround-default  auto-round with its own CPU defaults (amp on = bf16 tuning); not run unless asked
     lowbit             lowbit SignRound, its defaults (prescale on at <= 3 bits)
     lowbit-noprescale  lowbit with prescale off (like-with-like with auto-round); only at <= 3 bits
+    lowbit-fp32        lowbit tuning in float32 (amp=False) where it would use bf16; not run unless asked
     lowbit-arlayers    lowbit restricted to the Linear layers auto-round quantizes (auto-round keeps
                        int layers whose out or in features do not divide by 32 in 16 bits); only
                        where that set differs from lowbit's
@@ -48,7 +49,7 @@ SEED = 0
 SCHEMES = [("stories260K", 4), ("stories260K", 2), ("pycode-7m", 4), ("pycode-7m", 3), ("pycode-7m", 2)]
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
-ALL_TOOLS = TOOLS + ["autoround-default"]
+ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32"]
 
 
 def iters_of_presets() -> list[int]:
@@ -125,7 +126,8 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     if tool == "lowbit-arlayers":  # only in this process: the layers auto-round would quantize
         orig = lowbit.pipeline.find_linears
         lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
-    algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None)
+    algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
+                            amp=False if tool == "lowbit-fp32" else None)
     t0 = time.perf_counter()
     r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
                         nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)

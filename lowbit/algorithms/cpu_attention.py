@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 # Beyond this many attention scores per call (batch x heads x queries x keys) torch's kernel,
 # which never holds them all, is used instead: the scores and their softmax are kept for backward.
+# (Measured faster than torch's kernel up to 16M scores, mixed at 64M.)
 MAX_SCORES = 32 * 1024 * 1024
 CAUSAL_CHUNKS = 2
 
@@ -65,8 +66,9 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
         if not is_causal:
             scores = torch.bmm(q.reshape(n, rep * length, d), k.transpose(1, 2))
             return torch.bmm(scores.softmax(-1), v).view(*lead, h, length, d).to(dtype)
-        # Causal: queries in chunks, each against the keys up to its last position only, which
-        # skips most of the masked upper triangle (3/8 of the scores with 4 chunks).
+        # Causal: queries in chunks, each against the keys up to its last position only. Two chunks
+        # skip a quarter of the scores (all masked), and each softmax is small enough to stay in
+        # cache: 2-3x faster than one at pycode-7m's shape, where more chunks were slower again.
         chunks = max(1, min(CAUSAL_CHUNKS, length // 64)) if length == s else 1
         bounds = [length * i // chunks for i in range(chunks + 1)]
         outs = []
