@@ -8,8 +8,10 @@
    and bf16, and lowbit's bf16 attention (lowbit/algorithms/cpu_attention.py).
 3. The quantize-dequantize of a pycode-7m block's weights (786k, W4 G128), forward + backward:
    autograd through the reference formula vs the fused one with its written-out backward.
-4. SignRound ms/iteration on both models (W4A16, 32 windows of 256, 40 iterations), amp off and on,
-   and where the CPU time of one default (amp) iteration on a pycode-7m block goes (torch.profiler).
+4. SignRound ms/iteration on both models (W4A16, 32 windows of 256, 40 iterations), amp off and on.
+5. The work outside the tuning loop on pycode-7m: quantize() with 128 windows and 1 iteration,
+   amp off and on (on: the targets and next-block inputs are computed in bf16 too).
+6. Where the CPU time of one default (amp) iteration on a pycode-7m block goes (torch.profiler).
 """
 from __future__ import annotations
 
@@ -86,6 +88,15 @@ def main():
             r = lowbit.quantize(model, scheme, lowbit.SignRound(iters=40, amp=amp), windows, progress=False)
             ms = [b["seconds_per_iter"] * 1e3 for b in r.report["blocks"]]
             print(f"SignRound {name} {scheme} amp={amp!s:5s}: {sum(ms) / len(ms):5.1f} ms/iter (mean of {len(ms)} blocks)")
+
+    # The work outside the tuning loop (targets and next-block inputs for 128 windows, capture,
+    # final rounding): a whole quantize() with one iteration, in fp32 and in the tuning dtype.
+    model, tok = load_model(PYCODE)
+    windows = calibration_windows(tok, os.path.join(PYCODE, "calib.txt"), 128, 256, 0)
+    for amp in (False, True):
+        model, _ = load_model(PYCODE)
+        r = lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=1, amp=amp), windows, progress=False)
+        print(f"quantize() pycode-7m W4A16, 128 windows, iters 1, amp={amp!s:5s}: {r.report['seconds']:5.1f} s")
 
     from torch.profiler import ProfilerActivity, profile
 

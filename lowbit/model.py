@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from lowbit.errors import LowbitError
 
@@ -167,8 +168,6 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int,
     changed); the outputs come back in x's dtype."""
     if dtype is None:
         return torch.cat([block_output(block(x[i : i + batch_size], **kwargs)) for i in range(0, len(x), batch_size)])
-    from torch.func import functional_call
-
     params = {n: p.to(dtype) for n, p in block.named_parameters() if p.is_floating_point()}
     kwargs = cast_floats(kwargs, dtype)
     return torch.cat([

@@ -1,8 +1,8 @@
 """Attention for SignRound's tuning steps on a CPU with fast bfloat16 (AVX512-BF16 / AMX).
 
 At tuning shapes (a few hundred tokens, small heads) torch's fused CPU attention kernel computes
-in float32 whatever the input, and its backward recomputes the softmax: it costs 2-3x more than
-three plain bf16 batched matmuls with the scores kept (bench/cpu_speed.py). While a block is
+in float32 whatever the input, and its backward recomputes the softmax: it costs more than three
+plain bf16 batched matmuls with the scores kept (bench/cpu_speed.py measures both). While a block is
 tuned, `bf16_attention()` routes F.scaled_dot_product_attention through `attention` below, for
 CPU inputs whose score matrix is small enough to hold; everything else goes to torch's kernel.
 """
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 # Beyond this many attention scores per call (batch x heads x queries x keys) torch's kernel,
-# which never holds them all, is used instead: the scores and their softmax are kept for backward.
-# (Measured faster than torch's kernel up to 16M scores, mixed at 64M.)
+# which never holds them all, is used instead: the scores and their softmax are kept for backward,
+# and past a few tens of millions of them the plain matmuls stop winning.
 MAX_SCORES = 32 * 1024 * 1024
 CAUSAL_CHUNKS = 2
 
@@ -67,15 +67,16 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
             scores = torch.bmm(q.reshape(n, rep * length, d), k.transpose(1, 2))
             return torch.bmm(scores.softmax(-1), v).view(*lead, h, length, d).to(dtype)
         # Causal: queries in chunks, each against the keys up to its last position only. Two chunks
-        # skip a quarter of the scores (all masked), and each softmax is small enough to stay in
-        # cache: 2-3x faster than one at pycode-7m's shape, where more chunks were slower again.
+        # skip a quarter of the scores (all masked) and keep each softmax small enough to stay in
+        # cache; more chunks cost more in calls than they save.
         chunks = max(1, min(CAUSAL_CHUNKS, length // 64)) if length == s else 1
         bounds = [length * i // chunks for i in range(chunks + 1)]
         outs = []
         for a, b in zip(bounds, bounds[1:]):
             qc = q[:, :, a:b].reshape(n, rep * (b - a), d)
-            kc, vc = k[:, : b if length == s else s], v[:, : b if length == s else s]
-            bias = _causal_bias(a, b, kc.shape[1], rep, query.device)
+            end = b if length == s else s
+            kc, vc = k[:, :end], v[:, :end]
+            bias = _causal_bias(a, b, end, rep, query.device)
             scores = torch.baddbmm(bias, qc, kc.transpose(1, 2))
             outs.append(torch.bmm(scores.softmax(-1), vc).view(n, rep, b - a, d))
         out = outs[0] if chunks == 1 else torch.cat(outs, dim=2)

@@ -187,15 +187,16 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     # With amp the block runs in bf16 outright: its other parameters, the inputs and float kwargs are
     # cast once, the quantized weights at each step; the tuned parameters and the loss stay float32.
     amp = cfg.tuning_dtype(buckets[0].w.device)
-    run_dtype, inputs, kwargs, rest = dtype, data.inputs, data.kwargs, {}
+    run_dtype, kwargs, rest = dtype, data.kwargs, {}
     if amp is not None:
         tuned = {name + ".weight" for b in buckets for name, *_ in b.slices}
         rest = {n: p.detach().to(amp) for n, p in block.named_parameters() if n not in tuned and p.is_floating_point()}
-        run_dtype, inputs, kwargs = amp, data.inputs.to(amp), cast_floats(data.kwargs, amp)
+        run_dtype, kwargs = amp, cast_floats(data.kwargs, amp)
+    inputs = data.inputs.to(run_dtype)
 
     def loss_on(idx):
         w = {k: v for b in buckets for k, v in b.weights(run_dtype, compiled).items()}
-        out = block_output(functional_call(block, w | rest, (inputs[idx].to(run_dtype),), kwargs))
+        out = block_output(functional_call(block, w | rest, (inputs[idx],), kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
