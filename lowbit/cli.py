@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--prescale", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-weighted range search before tuning (default: on at <= 3 bits)")
     q.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the block in bfloat16 while tuning (default: where bf16 is fast, i.e. CUDA and "
+                   help="run the block under bfloat16 autocast while tuning (default: where bf16 is fast, i.e. CUDA and "
                         "CPUs with AVX512-BF16/AMX); --no-bf16 tunes in float32")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from lowbit.errors import LowbitError
 
@@ -164,24 +163,10 @@ def block_output(out) -> torch.Tensor:
 def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int,
               dtype: torch.dtype | None = None) -> torch.Tensor:
     """The block's outputs for all rows of x, computed in batches. With dtype (e.g. bfloat16) the
-    block computes in it on cast copies of its parameters and inputs (the block itself is not
-    changed); the outputs come back in x's dtype."""
-    if dtype is None:
-        return torch.cat([block_output(block(x[i : i + batch_size], **kwargs)) for i in range(0, len(x), batch_size)])
-    params = {n: p.to(dtype) for n, p in block.named_parameters() if p.is_floating_point()}
-    kwargs = cast_floats(kwargs, dtype)
-    return torch.cat([
-        block_output(functional_call(block, params, (x[i : i + batch_size].to(dtype),), kwargs)).to(x.dtype)
-        for i in range(0, len(x), batch_size)
-    ])
-
-
-def cast_floats(obj, dtype: torch.dtype):
-    """Floating tensors inside nested dicts / tuples / lists cast to dtype (block kwargs)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: cast_floats(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(cast_floats(v, dtype) for v in obj)
-    return obj
+    block runs under autocast to it: matmuls in dtype, the residual stream and norms in x's dtype,
+    as SignRound tunes it. The outputs come back in x's dtype."""
+    autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with autocast:
+        return torch.cat([
+            block_output(block(x[i : i + batch_size], **kwargs)).to(x.dtype) for i in range(0, len(x), batch_size)
+        ])

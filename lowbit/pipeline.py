@@ -121,8 +121,8 @@ def quantize(
         fp_in = q_in
         report["calibration"]["capture_seconds"] = time.perf_counter() - t0
 
-    # The full-precision targets and the next block's inputs are computed in the dtype the algorithm
-    # tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
+    # The full-precision targets and the next block's inputs are computed under the autocast the
+    # algorithm tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
     fwd_dtype = algo.tuning_dtype(device) if hasattr(algo, "tuning_dtype") else None
     quantized: dict[str, QuantizedWeight] = {}
     # The bar only on a terminal; the per-block lines always (logs and CI read them).
@@ -144,7 +144,7 @@ def quantize(
             for n, (lin, _) in layers.items():
                 lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
                 quantized[f"{blocks_name}.{i}.{n}"] = result.weights[n]
-        if algo.needs_data:
+        if algo.needs_data and i + 1 < len(blocks):  # the last block's outputs feed nothing
             with attention_context(fwd_dtype, device):
                 q_in = run_block(block, q_in, kwargs[i], batch, fwd_dtype)
             fp_in = targets

@@ -58,13 +58,13 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
     hk, s = key.shape[-3], key.shape[-2]
     rep = h // hk
     scale = scale if scale is not None else d**-0.5
-    q, k, v = (query * scale).to(bf), key.to(bf), value.to(bf)
+    q, k, v = query.to(bf), key.to(bf), value.to(bf)
     if attn_mask is None:
         # The heads sharing a key/value head become one taller matrix of queries: [B*Hkv, rep*L, D].
         n = torch.Size(lead).numel() * hk
         q, k, v = q.reshape(n, rep, length, d), k.reshape(n, s, d), v.reshape(n, s, d)
         if not is_causal:
-            scores = torch.bmm(q.reshape(n, rep * length, d), k.transpose(1, 2))
+            scores = torch.bmm(q.reshape(n, rep * length, d) * scale, k.transpose(1, 2))
             return torch.bmm(scores.softmax(-1), v).view(*lead, h, length, d).to(dtype)
         # Causal: queries in chunks, each against the keys up to its last position only. Two chunks
         # skip a quarter of the scores (all masked) and keep each softmax small enough to stay in
@@ -77,7 +77,8 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
             end = b if length == s else s
             kc, vc = k[:, :end], v[:, :end]
             bias = _causal_bias(a, b, end, rep, query.device)
-            scores = torch.baddbmm(bias, qc, kc.transpose(1, 2))
+            # alpha scales in the matmul's fp32 accumulation: no pass over q, no rounding of q * scale
+            scores = torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=scale)
             outs.append(torch.bmm(scores.softmax(-1), vc).view(n, rep, b - a, d))
         out = outs[0] if chunks == 1 else torch.cat(outs, dim=2)
         return out.view(*lead, h, length, d).to(dtype)
@@ -85,7 +86,7 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=bf, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))
-    scores = q @ k.transpose(-1, -2) + attn_mask.to(bf)
+    scores = (q * scale) @ k.transpose(-1, -2) + attn_mask.to(bf)
     if is_causal:
         scores = scores + _causal_bias(0, length, s, 1, query.device)
     return (scores.softmax(-1) @ v).to(dtype)

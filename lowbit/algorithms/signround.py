@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,7 +24,7 @@ from torch.func import functional_call
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
 from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors
-from lowbit.model import block_output, cast_floats
+from lowbit.model import block_output
 from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, from_groups, group_range, n_groups, quantize, to_groups
 
 
@@ -40,9 +41,10 @@ class SignRound:
     # torch.compile the quantize-dequantize (one fused kernel); None: on for CUDA blocks, where it
     # pays (bench/gpu.py). Off, a hand-written backward does it in a few passes over the weights.
     compile: bool | None = None
-    # Run the block in bfloat16 during tuning (parameters and loss stay float32); None: on where
-    # bf16 matmuls are fast (CUDA; CPUs with AVX512-BF16/AMX). On a CPU its attention then runs as
-    # plain bf16 matmuls (cpu_attention.py).
+    # Run the block under bfloat16 autocast during tuning (matmuls and attention in bf16; the
+    # residual stream, norms, tuned parameters and loss in float32); None: on where bf16 matmuls
+    # are fast (CUDA; CPUs with AVX512-BF16/AMX). On a CPU its attention then runs as plain bf16
+    # matmuls (cpu_attention.py).
     amp: bool | None = None
 
     name: ClassVar[str] = "signround"
@@ -65,8 +67,8 @@ class SignRound:
         return any(self.uses_prescale(s.bits) for s in schemes)
 
     def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
-        """bfloat16 where the block runs in it while tuned (see `amp`), else None (its own dtype).
-        The pipeline computes the block's targets and outputs in the same dtype."""
+        """bfloat16 where the block runs under autocast to it while tuned (see `amp`), else None.
+        The pipeline computes the block's targets and outputs under the same autocast."""
         if self.amp is not None:
             return torch.bfloat16 if self.amp else None
         return torch.bfloat16 if _fast_bf16(device.type) else None
@@ -184,19 +186,20 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     for p in frozen:
         p.requires_grad_(False)
 
-    # With amp the block runs in bf16 outright: its other parameters, the inputs and float kwargs are
-    # cast once, the quantized weights at each step; the tuned parameters and the loss stay float32.
+    # With amp the block runs under autocast: its matmuls and attention in bf16 (the quantized
+    # weights come out of the quantize-dequantize in bf16), while the residual stream, the norms and
+    # the loss stay in the inputs' dtype. An all-bf16 block rounds the residual sums to 8 bits, a
+    # noise as large as the 4-bit quantization error it tunes against (BENCHMARKS.md).
     amp = cfg.tuning_dtype(buckets[0].w.device)
-    run_dtype, kwargs, rest = dtype, data.kwargs, {}
-    if amp is not None:
-        tuned = {name + ".weight" for b in buckets for name, *_ in b.slices}
-        rest = {n: p.detach().to(amp) for n, p in block.named_parameters() if n not in tuned and p.is_floating_point()}
-        run_dtype, kwargs = amp, cast_floats(data.kwargs, amp)
-    inputs = data.inputs.to(run_dtype)
+    device_type = buckets[0].w.device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=amp)) if amp is not None else nullcontext
+    weight_dtype = amp if amp is not None else dtype
+    inputs = data.inputs.to(dtype) if data.inputs.is_floating_point() else data.inputs
 
     def loss_on(idx):
-        w = {k: v for b in buckets for k, v in b.weights(run_dtype, compiled).items()}
-        out = block_output(functional_call(block, w | rest, (inputs[idx],), kwargs))
+        w = {k: v for b in buckets for k, v in b.weights(weight_dtype, compiled).items()}
+        with autocast():
+            out = block_output(functional_call(block, w, (inputs[idx],), data.kwargs))
         return F.mse_loss(out.float(), data.targets[idx].float())
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
