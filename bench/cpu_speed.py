@@ -1,6 +1,6 @@
 """Why SignRound tunes the way it does on a CPU with fast bf16 (AVX512-BF16 / AMX): the measurements.
 
-    python bench/cpu_speed.py       # ~2 minutes on 2 cores; run it alone
+    python bench/cpu_speed.py       # ~4 minutes on 2 cores; run it alone
 
 1. A pycode-7m-sized matmul (2048x256 @ 256x768) in fp32 and bf16.
 2. Causal attention, forward + backward, at pycode-7m's shape (batch 8, 8 query heads sharing 4
@@ -12,6 +12,13 @@
 5. The work outside the tuning loop on pycode-7m: quantize() with 128 windows and 1 iteration,
    amp off and on (on: the targets and next-block inputs are computed in bf16 too).
 6. Where the CPU time of one default (amp) iteration on a pycode-7m block goes (torch.profiler).
+7. The compiled tuning step (SignRound(compile=True)) against eager on pycode-7m W4A16 (128 windows
+   of 256, 100 iterations), each in a fresh process that loads its windows as a tensor (as
+   compare.py's runs do): ms/iteration on blocks 1-5 (block 0 pays the compile) and block 0's
+   extra seconds. Then the same compiled run with glibc's default malloc thresholds (lowbit's
+   mallopt call skipped): seconds and minor page faults. Each twice, interleaved, after one
+   compiled run with an empty compile cache (which leaves the cache warm for the others).
+   `python bench/cpu_speed.py compile` runs this part alone.
 """
 from __future__ import annotations
 
@@ -49,6 +56,8 @@ def timed(fn, reps: int, rounds: int = 5) -> float:
 
 
 def main():
+    if sys.argv[1:] == ["compile"]:  # section 7 alone
+        return compiled_step()
     from lowbit.algorithms.cpu_attention import attention as bf16_attention
     from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, group_range
 
@@ -116,6 +125,61 @@ def main():
     shares["quantize-dequantize"] = sum(e.cpu_time_total for e in events if e.key in ("_RoundTrip", "_RoundTripBackward")) / total
     print("default SignRound on one pycode-7m block, share of CPU time: "
           + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f", rest {1 - sum(shares.values()):.0%}")
+
+    compiled_step()
+
+
+CHILD = """
+import os, resource, sys, time
+sys.path.insert(0, {root!r})
+import torch
+import lowbit
+from lowbit.algorithms import signround
+from lowbit.calib import calibration_windows
+from lowbit.model import load_model
+if {plain_malloc}:
+    signround._keep_freed_buffers = lambda: None
+model, tok = load_model({path!r})
+windows = torch.load({windows!r}, weights_only=True)  # as bench/compare.py's runs get them
+t = time.perf_counter()
+r = lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=100, compile={compile}), windows, progress=False)
+s = time.perf_counter() - t
+b = r.report["blocks"]
+later = sum(x["seconds_per_iter"] for x in b[1:]) / (len(b) - 1)
+print(s, later * 1e3, b[0]["seconds"] - later * 100, resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+"""
+
+
+def compiled_step():
+    import subprocess
+    import tempfile
+
+    _, tok = load_model(PYCODE)
+    windows_file = os.path.join(tempfile.mkdtemp(prefix="lowbit-cpu-speed-"), "windows.pt")
+    torch.save(calibration_windows(tok, os.path.join(PYCODE, "calib.txt"), 128, 256, 0), windows_file)
+
+    def child(compile: bool, plain_malloc: bool = False, cold: bool = False):
+        code = CHILD.format(root=os.path.join(os.path.dirname(__file__), ".."), path=PYCODE, compile=compile,
+                            plain_malloc=plain_malloc, windows=windows_file)
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="lowbit-cold-")) if cold else None
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        return [float(x) for x in out.stdout.split()]
+
+    total, ms, extra, faults = child(True, cold=True)  # an empty compile cache: what a first run pays
+    print(f"SignRound pycode-7m W4A16, 100 iters, {'compiled, cold cache':32s}: {total:5.1f} s, blocks 1-5 "
+          f"{ms:5.1f} ms/iter, block 0 +{extra:4.1f} s")
+
+    # Each configuration twice, interleaved, so that a slow minute of a shared machine shows up as
+    # a spread rather than as a difference between them.
+    runs = [("eager", False, False), ("compiled", True, False), ("compiled, glibc malloc defaults", True, True)]
+    results = {name: [] for name, _, _ in runs}
+    for _ in range(2):
+        for name, compile, plain in runs:
+            results[name].append(child(compile, plain))
+    for name, rows in results.items():
+        for total, ms, extra, faults in rows:
+            print(f"SignRound pycode-7m W4A16, 100 iters, {name:32s}: {total:5.1f} s, blocks 1-5 {ms:5.1f} ms/iter, "
+                  f"block 0 +{extra:4.1f} s, {faults / 1e6:5.2f}M minor page faults")
 
 
 if __name__ == "__main__":

@@ -26,22 +26,26 @@ def attention_context(dtype: torch.dtype | None, device: torch.device):
     return bf16_attention() if dtype == torch.bfloat16 and device.type == "cpu" else nullcontext()
 
 
+_sdpa = F.scaled_dot_product_attention
+
+
+def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if query.device.type != "cpu" or dropout_p > 0 or not _small(query, key):
+        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                     scale=scale, enable_gqa=enable_gqa)
+    return attention(query, key, value, attn_mask, is_causal, scale)
+
+
 @contextmanager
 def bf16_attention():
-    """Within the block, F.scaled_dot_product_attention on CPU tensors runs `attention`."""
-    sdpa = F.scaled_dot_product_attention
-
-    def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type != "cpu" or dropout_p > 0 or not _small(query, key):
-            return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-        return attention(query, key, value, attn_mask, is_causal, scale)
-
-    F.scaled_dot_product_attention = routed
+    """Within the block, F.scaled_dot_product_attention on CPU tensors runs `attention`. The one
+    module-level function each time, so a compiled step traced under it stays valid for every block."""
+    saved = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _routed
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention = saved
 
 
 def _small(query, key) -> bool:
@@ -63,23 +67,18 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
         # The heads sharing a key/value head become one taller matrix of queries: [B*Hkv, rep*L, D].
         n = torch.Size(lead).numel() * hk
         q, k, v = q.reshape(n, rep, length, d), k.reshape(n, s, d), v.reshape(n, s, d)
-        if not is_causal:
-            scores = torch.bmm(q.reshape(n, rep * length, d) * scale, k.transpose(1, 2))
-            return torch.bmm(scores.softmax(-1), v).view(*lead, h, length, d).to(dtype)
         # Causal: queries in chunks, each against the keys up to its last position only. Two chunks
         # skip a quarter of the scores (all masked) and keep each softmax small enough to stay in
         # cache; more chunks cost more in calls than they save.
-        chunks = max(1, min(CAUSAL_CHUNKS, length // 64)) if length == s else 1
+        chunked = is_causal and length == s
+        chunks = max(1, min(CAUSAL_CHUNKS, length // 64)) if chunked else 1
         bounds = [length * i // chunks for i in range(chunks + 1)]
         outs = []
         for a, b in zip(bounds, bounds[1:]):
+            end = b if chunked else s
             qc = q[:, :, a:b].reshape(n, rep * (b - a), d)
-            end = b if length == s else s
-            kc, vc = k[:, :end], v[:, :end]
-            bias = _causal_bias(a, b, end, rep, query.device)
-            # alpha scales in the matmul's fp32 accumulation: no pass over q, no rounding of q * scale
-            scores = torch.baddbmm(bias, qc, kc.transpose(1, 2), alpha=scale)
-            outs.append(torch.bmm(scores.softmax(-1), vc).view(n, rep, b - a, d))
+            out, _ = _attention_chunk(qc, k[:, :end], v[:, :end], a, is_causal, rep, scale)
+            outs.append(out.view(n, rep, b - a, d))
         out = outs[0] if chunks == 1 else torch.cat(outs, dim=2)
         return out.view(*lead, h, length, d).to(dtype)
     if rep > 1:
@@ -90,6 +89,46 @@ def attention(query, key, value, attn_mask=None, is_causal=False, scale=None) ->
     if is_causal:
         scores = scores + _causal_bias(0, length, s, 1, query.device)
     return (scores.softmax(-1) @ v).to(dtype)
+
+
+# One opaque op per chunk, with its backward written out: torch.compile keeps it whole (it does not
+# fuse matmuls into anything anyway) and traces the block around it without a graph break.
+@torch.library.custom_op("lowbit::attention_chunk", mutates_args=())
+def _attention_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, causal: bool, rep: int,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, rep*Lc, D] (rep heads' queries at positions start..start+Lc-1, stacked) against k, v
+    [n, S, D]. Returns the output [n, rep*Lc, D] and the softmax [n, rep*Lc, S], kept for backward."""
+    if causal:
+        bias = _causal_bias(start, start + q.shape[1] // rep, k.shape[1], rep, q.device)
+        # alpha scales in the matmul's fp32 accumulation: no pass over q, no rounding of q * scale
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    else:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+    p = scores.softmax(-1)
+    return torch.bmm(p, v), p
+
+
+@_attention_chunk.register_fake
+def _(q, k, v, start, causal, rep, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2]), q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+
+
+def _attention_chunk_setup(ctx, inputs, output):
+    q, k, v, _, _, _, scale = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.scale = scale
+
+
+def _attention_chunk_backward(ctx, d_out, _d_p):
+    q, k, v, p = ctx.saved_tensors
+    d_v = torch.bmm(p.transpose(1, 2), d_out)
+    d_scores = torch.ops.aten._softmax_backward_data(torch.bmm(d_out, v.transpose(1, 2)), p, -1, p.dtype)
+    d_q = torch.bmm(d_scores, k).mul_(ctx.scale)
+    d_k = torch.bmm(d_scores.transpose(1, 2), q).mul_(ctx.scale)
+    return d_q, d_k, d_v, None, None, None, None
+
+
+_attention_chunk.register_autograd(_attention_chunk_backward, setup_context=_attention_chunk_setup)
 
 
 @functools.lru_cache(maxsize=16)

@@ -11,8 +11,10 @@ and backward: no Python loop over layers or groups.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,8 +40,12 @@ class SignRound:
     # layers of 3 bits or fewer, where it helps (BENCHMARKS.md).
     prescale: bool | None = None
     minmax_max: float = 1.0  # upper bound of the min/max factors (1: the range only shrinks)
-    # torch.compile the quantize-dequantize (one fused kernel); None: on for CUDA blocks, where it
-    # pays (bench/gpu.py). Off, a hand-written backward does it in a few passes over the weights.
+    # torch.compile the tuning step (quantize-dequantize, the block's forward and backward, the
+    # loss) into fused kernels. None: on a CPU under bf16 autocast when a block's tuning work
+    # (iters x tokens per step x weights) reaches COMPILE_MIN_WORK, where a compile with a warm cache
+    # costs less than it saves (BENCHMARKS.md); on CUDA only the quantize-dequantize is compiled,
+    # as measured there (bench/gpu.py). Off, eager, with a hand-written backward for the
+    # quantize-dequantize. If compiling fails (no C++ compiler), tuning goes on eager, with a warning.
     compile: bool | None = None
     # Run the block under bfloat16 autocast during tuning (matmuls and attention in bf16; the
     # residual stream, norms, tuned parameters and loss in float32); None: on where bf16 matmuls
@@ -104,11 +110,8 @@ class _Bucket:
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
 
-    def weights(self, dtype, compiled=None) -> dict[str, torch.Tensor]:
-        if compiled is not None:
-            wq = compiled(self.w, self.bits, self.sym, self.v, self.mn, self.mx).to(dtype)
-        else:
-            wq = fake_quantize_tuned(self.w, self.bits, self.sym, self.v, self.mn, self.mx, self.range, dtype)
+    def weights(self, dtype, qdq) -> dict[str, torch.Tensor]:
+        wq = qdq(self.w, self.bits, self.sym, self.v, self.mn, self.mx, self.range, dtype)
         # torch.split, not slicing: its backward is one concatenation, where each slice's backward
         # would fill and add a zero gradient the size of the whole bucket.
         parts = torch.split(wq, [b - a for _, a, b, _, _ in self.slices])
@@ -167,16 +170,76 @@ def _fast_bf16(device_type: str) -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def _reference_qdq(w, bits, sym, v, mn, mx, wrange, dtype):
+    """The plain formula, for torch.compile to fuse (the range is cheap to recompute in a kernel)."""
+    return fake_quantize_groups(w, bits, sym, v, mn, mx).to(dtype)
+
+
 @functools.cache
 def _compiled_qdq():
-    return torch.compile(fake_quantize_groups, dynamic=False)
+    return torch.compile(_reference_qdq, dynamic=False)
+
+
+def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target):
+    """The tuning loss of one minibatch: the block with its quantize-dequantized weights against
+    the full-precision targets. Everything it needs comes in as arguments, so one compiled version
+    serves every block of a model. (Autocast, if any, is entered by the caller: inside, it would
+    keep torch from caching the compiled backward between runs.)"""
+    w = {}
+    for b in buckets:
+        w.update(b.weights(weight_dtype, qdq))
+    out = block_output(functional_call(block, w, (x,), kwargs))
+    return F.mse_loss(out.float(), target.float())
+
+
+@functools.cache
+def _compiled_step():
+    return torch.compile(_step_loss, dynamic=False)
+
+
+# A block's tuning work (iterations x tokens per step x its tuned weights) from which the whole
+# step is compiled by default on a CPU. Compiling costs ~2-3 s per run once torch's cache
+# (/tmp/torchinductor_$USER) is warm, ~18 s on 2 cores the first time, and saves 5-20% of each
+# step. With a warm cache it pays for pycode-7m at 200 iterations (3.2e11 per block), not at 50
+# (8.1e10) (BENCHMARKS.md). Any real LLM is far over the threshold.
+COMPILE_MIN_WORK = 1.5e11
+_compile_failed: list[str] = []  # the first failure's reason: not retried for later blocks
+
+
+def _compile_mode(cfg: SignRound, device: torch.device, amp, work: float) -> str | None:
+    """'step' (the whole tuning step compiled), 'qdq' (the quantize-dequantize only) or None."""
+    if cfg.compile is False or _compile_failed:
+        return None
+    if cfg.compile:
+        return "step"
+    if device.type == "cuda":
+        return "qdq"
+    return "step" if amp is not None and work >= COMPILE_MIN_WORK else None
+
+
+@functools.cache
+def _keep_freed_buffers() -> None:
+    """Each tuning step allocates and frees the same few-MB buffers. glibc's malloc starts by
+    handing blocks over 128 KB back to the OS on free (and zeroing them again on the next use):
+    in a fresh process that made a compiled step's iterations 15-35% longer in page faults
+    (BENCHMARKS.md). glibc
+    raises those thresholds by itself after the first big free, to 32 MB (64 MB for trimming);
+    here they are set to that at once. Other C libraries are left alone."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
     t0 = time.perf_counter()
+    _keep_freed_buffers()
     buckets = _buckets(layers, _prescale(cfg, layers, data.importance))
-    on_cuda = buckets[0].w.is_cuda
-    compiled = _compiled_qdq() if (cfg.compile if cfg.compile is not None else on_cuda) else None
+    device = buckets[0].w.device
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
     lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
@@ -190,39 +253,52 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     # weights come out of the quantize-dequantize in bf16), while the residual stream, the norms and
     # the loss stay in the inputs' dtype, as in auto-round's amp. A block cast to bf16 outright
     # rounds the residual sums too: 0.002 perplexity on pycode-7m W4 at iters 50 (BENCHMARKS.md).
-    amp = cfg.tuning_dtype(buckets[0].w.device)
-    device_type = buckets[0].w.device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=amp)) if amp is not None else nullcontext
+    amp = cfg.tuning_dtype(device)
     weight_dtype = amp if amp is not None else dtype
     inputs = data.inputs.to(dtype)
+    tokens = min(cfg.batch_size, len(inputs)) * inputs[0].numel() // inputs.shape[-1]
+    mode = _compile_mode(cfg, device, amp, cfg.iters * tokens * sum(b.w.numel() for b in buckets))
+    step = _compiled_step() if mode == "step" else _step_loss
+    qdq = _reference_qdq if mode == "step" else _compiled_qdq() if mode == "qdq" else fake_quantize_tuned
 
-    def loss_on(idx):
-        w = {k: v for b in buckets for k, v in b.weights(weight_dtype, compiled).items()}
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
+
+    def loss_and_backward(idx) -> float:
         with autocast():
-            out = block_output(functional_call(block, w, (inputs[idx],), data.kwargs))
-        return F.mse_loss(out.float(), data.targets[idx].float())
+            loss = step(block, buckets, qdq, weight_dtype, data.kwargs, inputs[idx], data.targets[idx])
+        loss.backward()
+        return loss.item()
 
     best_loss, best = float("inf"), [p.detach().clone() for p in params]
     first_loss = None
-    with attention_context(amp, buckets[0].w.device):
+    with attention_context(amp, device):
         try:
             for t in range(cfg.iters):
-                loss = loss_on(next(batches))
-                value = loss.item()
+                idx = next(batches)
+                try:
+                    value = loss_and_backward(idx)
+                except Exception as e:  # a compile that fails (no C++ compiler, ...) fails at once
+                    if t > 0 or mode is None:
+                        raise
+                    _compile_failed.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                    warnings.warn(f"lowbit: torch.compile failed, tuning eager instead ({_compile_failed[0]})")
+                    mode, step, qdq = None, _step_loss, fake_quantize_tuned
+                    for p in params:
+                        p.grad = None
+                    value = loss_and_backward(idx)
                 if first_loss is None:
                     first_loss = value
-                if value < best_loss:
+                if value < best_loss:  # the parameters this loss was computed with (not yet stepped)
                     best_loss = value
                     for kept, p in zip(best, params):
                         kept.copy_(p.detach())
-                loss.backward()
-                step = lr * (1 - t / cfg.iters)
+                step_size = lr * (1 - t / cfg.iters)
                 with torch.no_grad():  # signed step, in place
                     for b in buckets:
-                        b.v.add_(b.v.grad.sign_(), alpha=-step).clamp_(-0.5, 0.5)
+                        b.v.add_(b.v.grad.sign_(), alpha=-step_size).clamp_(-0.5, 0.5)
                         if cfg.tune_minmax:
-                            b.mn.add_(b.mn.grad.sign_(), alpha=-step).clamp_(0, cfg.minmax_max)
-                            b.mx.add_(b.mx.grad.sign_(), alpha=-step).clamp_(0, cfg.minmax_max)
+                            b.mn.add_(b.mn.grad.sign_(), alpha=-step_size).clamp_(0, cfg.minmax_max)
+                            b.mx.add_(b.mx.grad.sign_(), alpha=-step_size).clamp_(0, cfg.minmax_max)
                     for p in params:
                         p.grad = None
         finally:
@@ -240,6 +316,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         "loss_best": best_loss if cfg.iters else None,
         "iters": cfg.iters,
         "amp": str(amp).removeprefix("torch.") if amp is not None else None,
+        "compiled": mode,
         "seconds": seconds,
         "seconds_per_iter": seconds / cfg.iters if cfg.iters else 0.0,
     }
