@@ -18,6 +18,8 @@ preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. 
     lowbit             lowbit SignRound, its defaults (prescale on at <= 3 bits)
     lowbit-noprescale  lowbit with prescale off (like-with-like with auto-round); only at <= 3 bits
     lowbit-fp32        lowbit tuning in float32 (amp=False) where it would use bf16; not run unless asked
+    lowbit-keepbest    lowbit keeping each block's parameters of the lowest minibatch loss (keep="best",
+                       auto-round's rule) instead of the last ones; not run unless asked
     lowbit-arlayers    lowbit restricted to the Linear layers auto-round quantizes (auto-round keeps
                        int layers whose out or in features do not divide by 32 in 16 bits); only
                        where that set differs from lowbit's
@@ -49,7 +51,7 @@ SEED = 0
 SCHEMES = [("stories260K", 4), ("stories260K", 2), ("pycode-7m", 4), ("pycode-7m", 3), ("pycode-7m", 2)]
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
-ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32"]
+ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest"]
 
 
 def iters_of_presets() -> list[int]:
@@ -127,7 +129,8 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
         orig = lowbit.pipeline.find_linears
         lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
-                            amp=False if tool == "lowbit-fp32" else None)
+                            amp=False if tool == "lowbit-fp32" else None,
+                            keep="best" if tool == "lowbit-keepbest" else "last")
     t0 = time.perf_counter()
     r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
                         nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)
@@ -138,7 +141,8 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
         "lowbit_unquantized": r.report["unquantized"],
         "block_s": [round(b["seconds"], 3) for b in blocks],
         "ms_per_iter": [round(b["seconds_per_iter"] * 1000, 2) for b in blocks],
-        "loss": [[b["loss_first"], b["loss_best"]] for b in blocks],
+        "loss": [[b["loss_first"], b["loss_best"], b["loss_last"]] for b in blocks],
+        "loss_calib": [b["loss_calib"] for b in blocks],
         "capture_s": r.report["calibration"]["capture_seconds"],
     }
 
@@ -237,9 +241,18 @@ def main():
                    help="tuning seeds (minibatch order; the windows stay the same): each run once per seed, "
                         "and a summary of the spread")
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
+    p.add_argument("--summary", nargs="?", const="latest", metavar="RUN_ID",
+                   help="print the summary table (means over seeds, ratios per seed) of a run already in "
+                        "OUT.jsonl (default: the latest run) and exit")
     p.add_argument("--one", nargs=7, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS", "SEED"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.summary:
+        with open(args.out + ".jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        run_id = rows[-1]["run_id"] if args.summary == "latest" else args.summary
+        print(summary([r for r in rows if r["run_id"] == run_id]))
+        return
     if args.one:
         tool, m, b, it, ns, wf, seed = args.one
         print(json.dumps(run_one(tool, m, int(b), int(it), int(ns), wf, int(seed))))
@@ -387,6 +400,35 @@ def markdown(rows, versions, nsamples, quick) -> str:
             ppl = [r["ppl"] for r in rs]
             lines.append(f"| {setting} | {tool} | {len(rs)} | {sum(ppl) / len(ppl):.3f} | {min(ppl):.3f}-{max(ppl):.3f} | "
                          f"{sum(r['quant_s'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+
+def summary(rows) -> str:
+    """Per (setting, tool): perplexity mean and range over seeds (4 decimals: the tools differ by
+    a few thousandths at 4 bits), quantization time, its ratio to auto-round's default run of the same
+    setting and seed (mean and per-seed range), peak RSS, and the block Linears left in 16 bits."""
+    ar = {(r["setting"], r["seed"]): r["quant_s"] for r in rows if r["tool"] == "autoround-default"}
+    groups: dict = {}
+    for r in rows:
+        if r["tool"] != "fp32":
+            groups.setdefault((r["setting"], r["tool"]), []).append(r)
+    lines = [f"run {rows[0]['run_id']}; versions {rows[0]['versions']}", "",
+             "| setting | tool | seeds | ppl mean | ppl min-max | quant wall mean (s) | / autoround-default (mean; per seed) "
+             "| peak RSS (MB) | block Linears left in 16 bits |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (setting, tool), rs in groups.items():
+        ppl = [r["ppl"] for r in rs]
+        t = sum(r["quant_s"] for r in rs) / len(rs)
+        per_seed = [r["quant_s"] / ar[(setting, r["seed"])] for r in rs if (setting, r["seed"]) in ar]
+        ar_mean = [v for (s_, _), v in ar.items() if s_ == setting]
+        ratio = (f"{t / (sum(ar_mean) / len(ar_mean)):.2f}; {min(per_seed):.2f}-{max(per_seed):.2f}"
+                 if per_seed and tool != "autoround-default" else "")
+        rss = [r["peak_rss_mb"] for r in rs]
+        # auto-round casts its model to bf16, so its own list says which layers it kept in 16 bits
+        block_16 = [n for n in rs[0].get("ar_16bit_layers", rs[0]["unquantized"]) if ".layers." in n]
+        lines.append(f"| {setting} | {tool} | {len(rs)} | {sum(ppl) / len(ppl):.4f} | {min(ppl):.4f}-{max(ppl):.4f} | "
+                     f"{t:.1f} | {ratio} | {min(rss):.0f}-{max(rss):.0f} | {short_layers(block_16) or 'none'} |")
     return "\n".join(lines) + "\n"
 
 

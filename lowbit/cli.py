@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the tuning step (default: on a CPU with bf16 when the model is big enough "
                         "for it to pay, e.g. pycode-7m at 200 iterations; on CUDA the quantize-dequantize only)")
+    q.add_argument("--keep", choices=["last", "best"], default=None,
+                   help="parameters each block keeps: last (default) or those of the lowest minibatch loss "
+                        "(auto-round's rule)")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
     q.add_argument("--seed", type=int, default=0)
@@ -112,7 +115,7 @@ def cmd_quantize(args) -> None:
         scheme = scheme.replace(bits=args.bits)
     algo_preset, pipe_preset = PRESETS[args.preset]
     settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale,
-                "amp": args.bf16, "compile": args.compile}
+                "amp": args.bf16, "compile": args.compile, "keep": args.keep}
     if args.algorithm.lower() == "signround":
         settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
     algo = lowbit.get_algorithm(args.algorithm, **settings)

@@ -144,15 +144,19 @@ def quantize(
             for n, (lin, _) in layers.items():
                 lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
                 quantized[f"{blocks_name}.{i}.{n}"] = result.weights[n]
+        calib_loss = None
         if algo.needs_data and i + 1 < len(blocks):  # the last block's outputs feed nothing
             with attention_context(fwd_dtype, device):
                 q_in = run_block(block, q_in, kwargs[i], batch, fwd_dtype)
+            calib_loss = _mse(q_in, targets, batch)
             fp_in = targets
         block.to(home)
-        stats = {"index": i, **result.stats, "seconds": time.perf_counter() - t0}
+        # loss_calib: the quantized block's loss on every calibration window (the tuning loss, not
+        # one minibatch's), free from the outputs the next block needs anyway.
+        stats = {"index": i, **result.stats, "loss_calib": calib_loss, "seconds": time.perf_counter() - t0}
         report["blocks"].append(stats)
         if progress:
-            loss = stats.get("loss_best")
+            loss = next((stats[k] for k in ("loss_calib", "loss_last", "loss_best") if stats.get(k) is not None), None)
             first = stats.get("loss_first")
             msg = f"block {i + 1}/{len(blocks)}: {stats['seconds']:.1f}s"
             if loss is not None:
@@ -169,6 +173,13 @@ def quantize(
     report["unquantized"] = sorted(n for n in weight_modules(model) if n not in quantized)
     report["seconds"] = time.perf_counter() - t_start
     return QuantizeResult(model, tokenizer, quantized, report)
+
+
+@torch.no_grad()
+def _mse(a: torch.Tensor, b: torch.Tensor, batch: int) -> float:
+    """Mean squared difference, a batch of rows at a time (no full-size temporary)."""
+    total = sum((a[i : i + batch].float() - b[i : i + batch].float()).pow(2).sum().item() for i in range(0, len(a), batch))
+    return total / a.numel()
 
 
 def algo_needs_importance(algo, layers) -> bool:

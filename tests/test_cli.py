@@ -31,7 +31,7 @@ def texts(tmp_path_factory):
 def test_quantize_and_eval_end_to_end(tmp_path, texts):
     out = tmp_path / "q"
     r = lowbit("quantize", STORIES, "--scheme", "W4A16", "--group-size", "32", "--dataset", texts / "calib.txt",
-               "--seqlen", 128, "--nsamples", 16, "--iters", 20, "--no-prescale", "--no-bf16", "--out", out, "--eval-text", texts / "eval.txt",
+               "--seqlen", 128, "--nsamples", 16, "--iters", 20, "--no-prescale", "--no-bf16", "--keep", "best", "--out", out, "--eval-text", texts / "eval.txt",
                "--eval-seqlen", 256, "--eval-windows", 20)
     assert r.returncode == 0, r.stderr
     assert "block 5/5" in r.stderr and "loss" in r.stderr and "ms/iter" in r.stderr
@@ -39,11 +39,13 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     report = json.loads((out / "quantization.json").read_text())
     assert report["scheme"]["bits"] == 4 and report["scheme"]["group_size"] == 32
     assert report["algorithm"] == {"name": "signround", "iters": 20, "lr": None, "batch_size": 8, "tune_minmax": True,
-                                   "prescale": False, "minmax_max": 1.0, "compile": None, "amp": False}
+                                   "prescale": False, "minmax_max": 1.0, "keep": "best", "compile": None, "amp": False}
     assert all(b["amp"] is None for b in report["blocks"])  # --no-bf16: float32 tuning
     assert len(report["layers"]) == 35 and report["unquantized"] == ["lm_head", "model.embed_tokens"]
     assert len(report["calibration"]["sha256"]) == 64 and report["calibration"]["nsamples"] == 16
-    assert len(report["blocks"]) == 5 and all(b["loss_best"] > 0 for b in report["blocks"])
+    assert len(report["blocks"]) == 5 and all(b["loss_best"] > 0 and b["kept"] == "best" for b in report["blocks"])
+    # every block but the last (whose outputs feed nothing) has its loss on all the windows
+    assert all(b["loss_calib"] > 0 for b in report["blocks"][:4]) and report["blocks"][4]["loss_calib"] is None
     assert report["lowbit_version"]
     ppl_q = report["eval"]["ppl_quantized"]
     assert report["eval"]["ppl_original"] < ppl_q < 2 * report["eval"]["ppl_original"]

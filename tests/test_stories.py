@@ -77,6 +77,42 @@ def test_signround_block_loss_below_rtn(data):
     assert all(torch.equal(lin.weight, original[n]) for n, (lin, _) in layers.items())
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_keep_last_beats_best_minibatch(bits, data):
+    """The last parameters (keep="last", the default) reproduce the block's outputs better on the
+    whole calibration set than those of the lowest single-minibatch loss (keep="best")."""
+    windows = data[0][:64]
+    model, _ = load_model(STORIES)
+    _, blocks = find_blocks(model)
+    x, per_block = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+    block, kwargs = blocks[0], per_block[0]
+    target = run_block(block, x, kwargs, 8)
+    layers = {n: (lin, lowbit.Scheme(bits, 32)) for n, lin in find_linears(block).items()}
+    original = {n: lin.weight.detach().clone() for n, (lin, _) in layers.items()}
+
+    def block_mse(result):
+        with torch.no_grad():
+            for n, (lin, _) in layers.items():
+                lin.weight.copy_(result.weights[n].dequantize())
+            err = (run_block(block, x, kwargs, 8) - target).pow(2).mean().item()
+            for n, (lin, _) in layers.items():
+                lin.weight.copy_(original[n])
+        return err
+
+    results = {keep: lowbit.SignRound(iters=100, keep=keep, amp=False).quantize_block(block, layers, BlockData(x, kwargs, target))
+               for keep in ("last", "best")}
+    assert any(not torch.equal(results["last"].weights[n].codes, results["best"].weights[n].codes) for n in layers)
+    assert block_mse(results["last"]) < block_mse(results["best"])
+    assert results["last"].stats["kept"] == "last" and results["best"].stats["kept"] == "best"
+    # The last pass's mean loss is about the final parameters' loss on all the windows.
+    assert results["last"].stats["loss_last"] == pytest.approx(block_mse(results["last"]), rel=0.1)
+
+
+def test_keep_checked():
+    with pytest.raises(lowbit.LowbitError, match="keep"):
+        lowbit.SignRound(keep="first")
+
+
 def test_deterministic(data):
     windows = data[0][:16]
     codes = []
