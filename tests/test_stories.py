@@ -49,29 +49,36 @@ def test_signround_beats_rtn(bits, data, original_ppl):
         assert results["rtn"] - results["signround"] > 0.5 * (results["rtn"] - original_ppl)
 
 
-def test_signround_block_loss_below_rtn(data):
-    """On block 0 (same inputs for both), SignRound's output error is below RTN's."""
-    windows = data[0][:32]
-    model, _ = load_model(STORIES)
-    _, blocks = find_blocks(model)
-    x, per_block = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
-    block, kwargs = blocks[0], per_block[0]
-    target = run_block(block, x, kwargs, 8)
-    layers = {n: (lin, lowbit.Scheme(2, 32)) for n, lin in find_linears(block).items()}
-    original = {n: lin.weight.detach().clone() for n, (lin, _) in layers.items()}
+class Block0:
+    """stories260K's block 0 on its calibration inputs, and the output error of quantized weights."""
 
-    def block_mse(result):
+    def __init__(self, windows, scheme):
+        model, _ = load_model(STORIES)
+        _, blocks = find_blocks(model)
+        x, per_block = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
+        self.block, kwargs = blocks[0], per_block[0]
+        self.data = BlockData(x, kwargs, run_block(self.block, x, kwargs, 8))
+        self.layers = {n: (lin, scheme) for n, lin in find_linears(self.block).items()}
+        self.original = {n: lin.weight.detach().clone() for n, (lin, _) in self.layers.items()}
+
+    def mse(self, result) -> float:
+        d = self.data
         with torch.no_grad():
-            for n, (lin, _) in layers.items():
+            for n, (lin, _) in self.layers.items():
                 lin.weight.copy_(result.weights[n].dequantize())
-            err = (run_block(block, x, kwargs, 8) - target).pow(2).mean().item()
-            for n, (lin, _) in layers.items():
-                lin.weight.copy_(original[n])
+            err = (run_block(self.block, d.inputs, d.kwargs, 8) - d.targets).pow(2).mean().item()
+            for n, (lin, _) in self.layers.items():
+                lin.weight.copy_(self.original[n])
         return err
 
-    rtn = block_mse(lowbit.RTN().quantize_block(block, layers))
-    sr = lowbit.SignRound(iters=60).quantize_block(block, layers, BlockData(x, kwargs, target))
-    assert block_mse(sr) < 0.8 * rtn
+
+def test_signround_block_loss_below_rtn(data):
+    """On block 0 (same inputs for both), SignRound's output error is below RTN's."""
+    b = Block0(data[0][:32], lowbit.Scheme(2, 32))
+    block, layers, original = b.block, b.layers, b.original
+    rtn = b.mse(lowbit.RTN().quantize_block(block, layers))
+    sr = lowbit.SignRound(iters=60).quantize_block(block, layers, b.data)
+    assert b.mse(sr) < 0.8 * rtn
     assert sr.stats["loss_best"] <= sr.stats["loss_first"]
     # The block's own weights are untouched by tuning (only V and the factors are learned).
     assert all(torch.equal(lin.weight, original[n]) for n, (lin, _) in layers.items())
@@ -81,31 +88,14 @@ def test_signround_block_loss_below_rtn(data):
 def test_keep_last_beats_best_minibatch(bits, data):
     """The last parameters (keep="last", the default) reproduce the block's outputs better on the
     whole calibration set than those of the lowest single-minibatch loss (keep="best")."""
-    windows = data[0][:64]
-    model, _ = load_model(STORIES)
-    _, blocks = find_blocks(model)
-    x, per_block = capture_block_inputs(model, blocks, windows, torch.device("cpu"))
-    block, kwargs = blocks[0], per_block[0]
-    target = run_block(block, x, kwargs, 8)
-    layers = {n: (lin, lowbit.Scheme(bits, 32)) for n, lin in find_linears(block).items()}
-    original = {n: lin.weight.detach().clone() for n, (lin, _) in layers.items()}
-
-    def block_mse(result):
-        with torch.no_grad():
-            for n, (lin, _) in layers.items():
-                lin.weight.copy_(result.weights[n].dequantize())
-            err = (run_block(block, x, kwargs, 8) - target).pow(2).mean().item()
-            for n, (lin, _) in layers.items():
-                lin.weight.copy_(original[n])
-        return err
-
-    results = {keep: lowbit.SignRound(iters=100, keep=keep, amp=False).quantize_block(block, layers, BlockData(x, kwargs, target))
+    b = Block0(data[0][:64], lowbit.Scheme(bits, 32))
+    results = {keep: lowbit.SignRound(iters=100, keep=keep, amp=False).quantize_block(b.block, b.layers, b.data)
                for keep in ("last", "best")}
-    assert any(not torch.equal(results["last"].weights[n].codes, results["best"].weights[n].codes) for n in layers)
-    assert block_mse(results["last"]) < block_mse(results["best"])
+    assert any(not torch.equal(results["last"].weights[n].codes, results["best"].weights[n].codes) for n in b.layers)
+    assert b.mse(results["last"]) < b.mse(results["best"])
     assert results["last"].stats["kept"] == "last" and results["best"].stats["kept"] == "best"
     # The last pass's mean loss is about the final parameters' loss on all the windows.
-    assert results["last"].stats["loss_last"] == pytest.approx(block_mse(results["last"]), rel=0.1)
+    assert results["last"].stats["loss_last"] == pytest.approx(b.mse(results["last"]), rel=0.1)
 
 
 def test_keep_checked():
