@@ -241,17 +241,23 @@ def main():
                    help="tuning seeds (minibatch order; the windows stay the same): each run once per seed, "
                         "and a summary of the spread")
     p.add_argument("--out", default=os.path.join(HERE, "results", "compare"))
-    p.add_argument("--summary", nargs="?", const="latest", metavar="RUN_ID",
-                   help="print the summary table (means over seeds, ratios per seed) of a run already in "
-                        "OUT.jsonl (default: the latest run) and exit")
+    p.add_argument("--summary", nargs="*", metavar="RUN_ID",
+                   help="print the summary table (means over seeds, time ratios per run) of runs already in "
+                        "OUT.jsonl, pooled (default: the latest run) and exit")
     p.add_argument("--one", nargs=7, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS", "SEED"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.summary:
+    if args.summary is not None:
+        if not os.path.isfile(args.out + ".jsonl"):
+            sys.exit(f"no results at {args.out}.jsonl: run compare.py first")
         with open(args.out + ".jsonl") as f:
             rows = [json.loads(line) for line in f]
-        run_id = rows[-1]["run_id"] if args.summary == "latest" else args.summary
-        print(summary([r for r in rows if r["run_id"] == run_id]))
+        run_ids = args.summary or ([rows[-1]["run_id"]] if rows else [])
+        missing = [i for i in run_ids if not any(r["run_id"] == i for r in rows)]
+        if missing or not run_ids:
+            sys.exit(f"no run {', '.join(missing) or '(none)'} in {args.out}.jsonl")
+        rows = [r for r in rows if r["run_id"] in run_ids]
+        print(summary(rows))
         return
     if args.one:
         tool, m, b, it, ns, wf, seed = args.one
@@ -403,25 +409,25 @@ def markdown(rows, versions, nsamples, quick) -> str:
     return "\n".join(lines) + "\n"
 
 
-
 def summary(rows) -> str:
-    """Per (setting, tool): perplexity mean and range over seeds (4 decimals: the tools differ by
-    a few thousandths at 4 bits), quantization time, its ratio to auto-round's default run of the same
-    setting and seed (mean and per-seed range), peak RSS, and the block Linears left in 16 bits."""
-    ar = {(r["setting"], r["seed"]): r["quant_s"] for r in rows if r["tool"] == "autoround-default"}
+    """Per (setting, tool), over the runs given (seeds, and invocations): perplexity mean and range
+    (4 decimals: the tools differ by a few thousandths at 4 bits), quantization time, its ratio to
+    auto-round's default runs of the setting (by the means, and per run against the run of the same
+    invocation and seed), peak RSS, and the block Linears left in 16 bits."""
+    ar = {(r["run_id"], r["setting"], r["seed"]): r["quant_s"] for r in rows if r["tool"] == "autoround-default"}
     groups: dict = {}
     for r in rows:
         if r["tool"] != "fp32":
             groups.setdefault((r["setting"], r["tool"]), []).append(r)
-    lines = [f"run {rows[0]['run_id']}; versions {rows[0]['versions']}", "",
-             "| setting | tool | seeds | ppl mean | ppl min-max | quant wall mean (s) | / autoround-default (mean; per seed) "
+    lines = [f"runs {', '.join(sorted({r['run_id'] for r in rows}))}; versions {rows[0]['versions']}", "",
+             "| setting | tool | runs | ppl mean | ppl min-max | quant wall mean (s) | / autoround-default (means; per run) "
              "| peak RSS (MB) | block Linears left in 16 bits |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (setting, tool), rs in groups.items():
         ppl = [r["ppl"] for r in rs]
         t = sum(r["quant_s"] for r in rs) / len(rs)
-        per_seed = [r["quant_s"] / ar[(setting, r["seed"])] for r in rs if (setting, r["seed"]) in ar]
-        ar_mean = [v for (s_, _), v in ar.items() if s_ == setting]
+        per_seed = [r["quant_s"] / ar[key] for r in rs if (key := (r["run_id"], setting, r["seed"])) in ar]
+        ar_mean = [v for (_, s_, _), v in ar.items() if s_ == setting]
         ratio = (f"{t / (sum(ar_mean) / len(ar_mean)):.2f}; {min(per_seed):.2f}-{max(per_seed):.2f}"
                  if per_seed and tool != "autoround-default" else "")
         rss = [r["peak_rss_mb"] for r in rs]
@@ -429,7 +435,23 @@ def summary(rows) -> str:
         block_16 = [n for n in rs[0].get("ar_16bit_layers", rs[0]["unquantized"]) if ".layers." in n]
         lines.append(f"| {setting} | {tool} | {len(rs)} | {sum(ppl) / len(ppl):.4f} | {min(ppl):.4f}-{max(ppl):.4f} | "
                      f"{t:.1f} | {ratio} | {min(rss):.0f}-{max(rss):.0f} | {short_layers(block_16) or 'none'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _keep_summary(rows)) + "\n"
+
+
+def _keep_summary(rows) -> list[str]:
+    """lowbit's two keep rules, from the runs where both ran with the same setting and seed."""
+    runs = {(r["run_id"], r["setting"], r["seed"], r["tool"]): r for r in rows}
+    pairs = [(r, runs[key]) for r in rows
+             if r["tool"] == "lowbit" and (key := (r["run_id"], r["setting"], r["seed"], "lowbit-keepbest")) in runs]
+    if not pairs:
+        return []
+    rel = sorted(a / b - 1 for last, best in pairs for a, b in zip(last["loss_calib"], best["loss_calib"])
+                 if a is not None and b is not None)
+    low = sorted(b / m for r in rows if r["tool"].startswith("lowbit") for _, b, m in r.get("loss", []) if m)
+    return ["", f"keep last vs best, loss on all calibration windows (loss_calib): lower in "
+                f"{sum(x < 0 for x in rel)} of {len(rel)} blocks, median {100 * rel[len(rel) // 2]:+.1f}%",
+            f"lowest minibatch loss / mean loss of the last pass over the windows: median "
+            f"{low[len(low) // 2]:.3f} ({low[0]:.3f}-{low[-1]:.3f}, {len(low)} blocks of lowbit runs)"]
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ class SignRound:
     prescale: bool | None = None
     minmax_max: float = 1.0  # upper bound of the min/max factors (1: the range only shrinks)
     # Which parameters the block keeps: "last", those the learning rate has decayed onto; or
-    # "best", those of the lowest loss on one minibatch (auto-round's rule). That loss depends on
-    # which windows the minibatch holds more than on the parameters, so "best" mostly picks an easy
-    # minibatch: on all the calibration windows the last parameters had the lower loss in 132 of
-    # 138 blocks; perplexity was lower at six of ten settings and within seed noise at the others
-    # (BENCHMARKS.md).
+    # "best", those of the lowest loss on one minibatch (auto-round's rule). Near the end that loss
+    # varies with the minibatch's windows more than with the parameters (the lowest was a median 9%
+    # under the last pass's mean), so "best" mostly picks an easy minibatch: on all the calibration
+    # windows the last parameters had the lower loss in 132 of 138 blocks; perplexity was lower at
+    # six of ten settings and within seed noise at the others (BENCHMARKS.md).
     keep: str = "last"
     # torch.compile the tuning step (quantize-dequantize, the block's forward and backward, the
     # loss) into fused kernels. None: on a CPU under bf16 autocast when a block's tuning work
@@ -231,9 +231,8 @@ def _keep_freed_buffers() -> None:
     """Each tuning step allocates and frees the same few-MB buffers. glibc's malloc starts by
     handing blocks over 128 KB back to the OS on free (and zeroing them again on the next use):
     in a fresh process that made a compiled step's iterations 15-35% longer in page faults
-    (BENCHMARKS.md). glibc
-    raises those thresholds by itself after the first big free, to 32 MB (64 MB for trimming);
-    here they are set to that at once. Other C libraries are left alone."""
+    (BENCHMARKS.md). glibc raises those thresholds by itself after the first big free, to 32 MB
+    (64 MB for trimming); here they are set to that at once. Other C libraries are left alone."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
