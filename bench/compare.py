@@ -10,7 +10,9 @@ Needs a separate venv with auto-round (see bench/README.md); this script install
     /work/arvenv/bin/python bench/compare.py --only W4G128-i200 --seeds 0 1 2   # spread over seeds
 
 Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 ("default"
-preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. Tools per setting:
+preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. At 50 iterations
+auto-round runs its light recipe's learning rate (5e-3, read from auto_round.cli.main.RECIPES), as
+`auto-round --light` would; lowbit its own defaults (SignRound.layer_lr). Tools per setting:
 
     fp32               the original model (once per model)
     autoround          auto-round, fp32 tuning (amp off), torch.compile off, low_gpu_mem_usage off
@@ -20,6 +22,10 @@ preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. 
     lowbit-fp32        lowbit tuning in float32 (amp=False) where it would use bf16; not run unless asked
     lowbit-keepbest    lowbit keeping each block's parameters of the lowest minibatch loss (keep="best",
                        auto-round's rule) instead of the last ones; not run unless asked
+    lowbit-lr1         lowbit with learning rate 1 / iters for every layer (auto-round's default; lowbit's
+                       default before it capped it at >= 3 bits); not run unless asked
+    lowbit-lrcap       lowbit with that cap, min(1 / iters, 1 / sqrt(200 iters)), at 2 bits too; not run
+                       unless asked
     lowbit-arlayers    lowbit restricted to the Linear layers auto-round quantizes (auto-round keeps
                        int layers whose out or in features do not divide by 32 in 16 bits); only
                        where that set differs from lowbit's
@@ -51,7 +57,7 @@ SEED = 0
 SCHEMES = [("stories260K", 4), ("stories260K", 2), ("pycode-7m", 4), ("pycode-7m", 3), ("pycode-7m", 2)]
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
-ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest"]
+ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-lr1", "lowbit-lrcap"]
 
 
 def iters_of_presets() -> list[int]:
@@ -128,9 +134,12 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     if tool == "lowbit-arlayers":  # only in this process: the layers auto-round would quantize
         orig = lowbit.pipeline.find_linears
         lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
+    # one learning rate for every layer: 1 / iters (auto-round's default), or the cap lowbit puts on
+    # layers of 3 bits or more (SignRound.layer_lr) applied at 2 bits too
+    lr = {"lowbit-lr1": 1 / iters, "lowbit-lrcap": min(1 / iters, (200 * iters) ** -0.5)}.get(tool)
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
                             amp=False if tool == "lowbit-fp32" else None,
-                            keep="best" if tool == "lowbit-keepbest" else "last")
+                            keep="best" if tool == "lowbit-keepbest" else "last", lr=lr)
     t0 = time.perf_counter()
     r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
                         nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)
@@ -138,6 +147,7 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     blocks = r.report["blocks"]
     return quant_s, {
         "prescale": algo.uses_prescale(bits),
+        "lr": algo.layer_lr(bits),
         "lowbit_unquantized": r.report["unquantized"],
         "block_s": [round(b["seconds"], 3) for b in blocks],
         "ms_per_iter": [round(b["seconds_per_iter"] * 1000, 2) for b in blocks],
@@ -145,6 +155,15 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
         "loss_calib": [b["loss_calib"] for b in blocks],
         "capture_s": r.report["calibration"]["capture_seconds"],
     }
+
+
+def _autoround_recipe_lr(iters: int) -> float | None:
+    """The learning rate of auto-round's own CLI recipe with these iterations: its light recipe (50
+    iterations) sets lr 5e-3; the others leave it to auto-round's default, 1 / iters."""
+    from auto_round.cli.main import RECIPES
+
+    lrs = {r["iters"]: r.get("lr") for r in RECIPES.values() if r.get("iters")}
+    return lrs.get(iters)
 
 
 def _autoround(model, tok, windows, bits, group, iters, nsamples, seed, defaults):
@@ -201,6 +220,7 @@ def _autoround(model, tok, windows, bits, group, iters, nsamples, seed, defaults
 
     gc.collect = timed_gc
     kw = {} if defaults else {"amp": False, "enable_torch_compile": False}
+    kw["lr"] = _autoround_recipe_lr(iters)
     t0 = time.perf_counter()
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=True, dataset=Recorded(w[None] for w in windows),
                    iters=iters, nsamples=nsamples, seqlen=SEQLEN, batch_size=BATCH, seed=seed,

@@ -18,6 +18,8 @@
    extra seconds. Then the same compiled run with glibc's default malloc thresholds (lowbit's
    mallopt call skipped): seconds and minor page faults. Each twice, interleaved, after one
    compiled run with an empty compile cache (which leaves the cache warm for the others).
+   Then with inductor's vector-ISA probe (one Python subprocess per ISA, which lowbit skips where
+   ATen has vouched for the ISAs): block 0's extra seconds.
    `python bench/cpu_speed.py compile` runs this part alone.
 """
 from __future__ import annotations
@@ -139,6 +141,8 @@ from lowbit.calib import calibration_windows
 from lowbit.model import load_model
 if {plain_malloc}:
     signround._keep_freed_buffers = lambda: None
+if {isa_probe}:
+    signround._skip_isa_probe = lambda: None
 model, tok = load_model({path!r})
 windows = torch.load({windows!r}, weights_only=True)  # as bench/compare.py's runs get them
 t = time.perf_counter()
@@ -158,9 +162,9 @@ def compiled_step():
     windows_file = os.path.join(tempfile.mkdtemp(prefix="lowbit-cpu-speed-"), "windows.pt")
     torch.save(calibration_windows(tok, os.path.join(PYCODE, "calib.txt"), 128, 256, 0), windows_file)
 
-    def child(compile: bool, plain_malloc: bool = False, cold: bool = False):
+    def child(compile: bool, plain_malloc: bool = False, isa_probe: bool = False, cold: bool = False):
         code = CHILD.format(root=os.path.join(os.path.dirname(__file__), ".."), path=PYCODE, compile=compile,
-                            plain_malloc=plain_malloc, windows=windows_file)
+                            plain_malloc=plain_malloc, isa_probe=isa_probe, windows=windows_file)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="lowbit-cold-")) if cold else None
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
         return [float(x) for x in out.stdout.split()]
@@ -171,11 +175,12 @@ def compiled_step():
 
     # Each configuration twice, interleaved, so that a slow minute of a shared machine shows up as
     # a spread rather than as a difference between them.
-    runs = [("eager", False, False), ("compiled", True, False), ("compiled, glibc malloc defaults", True, True)]
-    results = {name: [] for name, _, _ in runs}
+    runs = [("eager", False, False, False), ("compiled", True, False, False),
+            ("compiled, glibc malloc defaults", True, True, False), ("compiled, inductor's ISA probe", True, False, True)]
+    results = {name: [] for name, *_ in runs}
     for _ in range(2):
-        for name, compile, plain in runs:
-            results[name].append(child(compile, plain))
+        for name, compile, plain, probe in runs:
+            results[name].append(child(compile, plain, probe))
     for name, rows in results.items():
         for total, ms, extra, faults in rows:
             print(f"SignRound pycode-7m W4A16, 100 iters, {name:32s}: {total:5.1f} s, blocks 1-5 {ms:5.1f} ms/iter, "

@@ -78,3 +78,28 @@ def test_failed_compile_falls_back_to_eager(windows, no_past_failure, monkeypatc
         fallen = run(windows, compile=True)
     assert [b["compiled"] for b in fallen.report["blocks"]] == [None] * 5  # not retried for later blocks
     assert same_codes(fallen.layers, run(windows, compile=False).layers)
+
+
+ISA_LIST = """
+import sys
+from lowbit.algorithms import signround
+from torch._inductor import cpu_vec_isa
+if sys.argv[1] == "skip":
+    signround._skip_isa_probe()
+print(" ".join(str(i) for i in cpu_vec_isa.valid_vec_isa_list()))
+"""
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="the probe builds with a C++ compiler")
+def test_skipping_the_isa_probe_finds_the_same_isas():
+    """The vector ISAs inductor compiles for: taken from ATen's CPU check without the probe
+    subprocesses, they are the ones torch's own probes find (each in a fresh process: both are
+    cached for the process)."""
+    import subprocess
+    import sys
+
+    def isas(how):
+        out = subprocess.run([sys.executable, "-c", ISA_LIST, how], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    assert isas("skip") == isas("probe")

@@ -1,4 +1,6 @@
 """Quality on a real model: stories260K (Llama, MLP width 172 = partial groups everywhere)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,10 +89,12 @@ def test_signround_block_loss_below_rtn(data):
 @pytest.mark.parametrize("bits", [2, 4])
 def test_keep_last_beats_best_minibatch(bits, data):
     """The last parameters (keep="last", the default) reproduce the block's outputs better on the
-    whole calibration set than those of the lowest single-minibatch loss (keep="best")."""
+    whole calibration set than those of the lowest single-minibatch loss (keep="best"), at learning
+    rate 1 / iters, where the rule was measured (BENCHMARKS.md; most blocks, not all: at 200
+    iterations this block at 4 bits is one of the exceptions)."""
     b = Block0(data[0][:64], lowbit.Scheme(bits, 32))
-    results = {keep: lowbit.SignRound(iters=100, keep=keep, amp=False).quantize_block(b.block, b.layers, b.data)
-               for keep in ("last", "best")}
+    algo = lowbit.SignRound(iters=100, lr=1 / 100, amp=False)
+    results = {keep: replace(algo, keep=keep).quantize_block(b.block, b.layers, b.data) for keep in ("last", "best")}
     assert any(not torch.equal(results["last"].weights[n].codes, results["best"].weights[n].codes) for n in b.layers)
     assert b.mse(results["last"]) < b.mse(results["best"])
     assert results["last"].stats["kept"] == "last" and results["best"].stats["kept"] == "best"

@@ -3,7 +3,8 @@ quantized block reproduces the full-precision block's outputs.
 
 Per weight a rounding offset V in [-0.5, 0.5] (init 0) added before rounding; per group factors on
 the min and max (init 1, kept in [0, 1]). Each step: p -= lr * sign(grad), lr decaying linearly to
-0. The final parameters are kept (or, as in auto-round, those of the lowest minibatch loss seen).
+0 (its start per layer: `SignRound.layer_lr`). The final parameters are kept (or, as in
+auto-round, those of the lowest minibatch loss seen).
 
 All Linear layers of a block that share a group size and symmetry are tuned as one [rows, group]
 tensor, so one iteration is one quantize-dequantize call per such bucket plus the block's forward
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 import time
 import warnings
 from contextlib import nullcontext
@@ -33,7 +35,8 @@ from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, from_groups, g
 @dataclass(frozen=True)
 class SignRound:
     iters: int = 200
-    lr: float | None = None  # None: 1 / iters
+    # The step's start (it decays linearly to 0); None: per layer, `layer_lr` below.
+    lr: float | None = None
     batch_size: int = 8
     tune_minmax: bool = True  # learn the per-group min/max factors, not only V
     # Start from an activation-weighted search of each group's range (SignRoundV2); None: for
@@ -75,6 +78,19 @@ class SignRound:
         if self.keep not in ("last", "best"):
             raise LowbitError(f"keep must be 'last' or 'best', got {self.keep!r}")
 
+    def layer_lr(self, bits: int) -> float:
+        """The learning rate of a layer's parameters: `lr`, or by default 1 / iters, which lets each
+        rounding offset travel 0.5 in all. For layers of 3 bits or more at most 1 / sqrt(200 *
+        iters): a signed step moves every parameter each iteration, so the random part of its walk
+        grows as lr * sqrt(iters); with 1 / iters it is twice as large at 50 iterations as at 200.
+        At 3-4 bits the rounding needs small corrections and that noise costs more than the shorter
+        reach (at 50 iterations, pycode-7m W4 and W3 perplexity went down); at 2 bits the reach
+        matters more and 1 / iters stays (BENCHMARKS.md). From 200 iterations up both are 1 / iters."""
+        if self.lr is not None:
+            return self.lr
+        iters = max(self.iters, 1)
+        return 1.0 / iters if bits <= 2 else min(1.0 / iters, (200 * iters) ** -0.5)
+
     def uses_prescale(self, bits: int) -> bool:
         return self.prescale if self.prescale is not None else bits <= 3
 
@@ -95,16 +111,17 @@ class SignRound:
 class _Bucket:
     """The layers of one (group size, symmetry), their groups stacked as rows of one tensor."""
 
-    def __init__(self, group_size: int, sym: bool, items, init_factors: dict):
+    def __init__(self, group_size: int, sym: bool, items, init_factors: dict, layer_lr):
         self.group_size, self.sym = group_size, sym
         self.slices = []  # (name, start row, end row, out_features, in_features)
-        rows, bits, factors, start = [], [], [], 0
+        rows, bits, factors, lrs, start = [], [], [], [], 0
         for name, lin, scheme in items:
             out_f, in_f = lin.weight.shape
             wg = to_groups(lin.weight.detach().float(), group_size)
             rows.append(wg.reshape(-1, wg.shape[-1]))
             n = rows[-1].shape[0]
             bits.append(torch.full((n, 1), float(scheme.bits)))
+            lrs.append((n, layer_lr(scheme.bits)))
             f = init_factors.get(name)
             factors.append(f.reshape(n, 1) if f is not None else torch.ones(n, 1, device=wg.device))
             self.slices.append((name, start, start + n, out_f, in_f))
@@ -112,12 +129,29 @@ class _Bucket:
         self.w = torch.cat(rows)
         self.range = group_range(self.w)  # fixed: only the factors on it are tuned
         self.bits = torch.cat(bits).to(self.w.device)
+        # the learning rate: one number when all rows share it, else a column of one per row
+        self.lr = lrs[0][1] if len({lr for _, lr in lrs}) == 1 else torch.cat(
+            [torch.full((n, 1), lr) for n, lr in lrs]).to(self.w.device)
         self.v = torch.zeros_like(self.w, requires_grad=True)
         self.mn = torch.cat(factors).requires_grad_(True)
         self.mx = torch.cat(factors).requires_grad_(True)
 
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
+
+    @torch.no_grad()
+    def step(self, decay: float, tune_minmax: bool, minmax_max: float) -> None:
+        """The signed step, in place: p -= lr * decay * sign(grad), then back into its range."""
+        bounded = [(self.v, -0.5, 0.5)]
+        if tune_minmax:
+            bounded += [(self.mn, 0, minmax_max), (self.mx, 0, minmax_max)]
+        for p, lo, hi in bounded:
+            g = p.grad.sign_()
+            if isinstance(self.lr, torch.Tensor):
+                p.add_(g.mul_(self.lr), alpha=-decay)
+            else:
+                p.add_(g, alpha=-self.lr * decay)
+            p.clamp_(lo, hi)
 
     def weights(self, dtype, qdq) -> dict[str, torch.Tensor]:
         wq = qdq(self.w, self.bits, self.sym, self.v, self.mn, self.mx, self.range, dtype)
@@ -142,11 +176,11 @@ class _Bucket:
         return out
 
 
-def _buckets(layers: LayerMap, init_factors: dict) -> list[_Bucket]:
+def _buckets(cfg: SignRound, layers: LayerMap, init_factors: dict) -> list[_Bucket]:
     by_key: dict = {}
     for name, (lin, s) in layers.items():
         by_key.setdefault((s.group_size, s.sym), []).append((name, lin, s))
-    return [_Bucket(g, sym, items, init_factors) for (g, sym), items in by_key.items()]
+    return [_Bucket(g, sym, items, init_factors, cfg.layer_lr) for (g, sym), items in by_key.items()]
 
 
 def _prescale(cfg: SignRound, layers: LayerMap, importance: dict | None) -> dict:
@@ -243,14 +277,34 @@ def _keep_freed_buffers() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
+@functools.cache
+def _skip_isa_probe() -> None:
+    """Before its first CPU compile in a process, torch's inductor checks each vector ISA the CPU
+    has (AVX2, AVX-512) by loading a probe library in a fresh Python subprocess: 0.5-1 s of every
+    compiled run (BENCHMARKS.md). The subprocess guards against instructions this process
+    could not run, but torch reads the ISAs from ATen's CPU check, which has already vouched for
+    them (CPU and OS support); so the list is taken without the probes. With AMX (whose use the
+    OS must grant), or where inductor's internals differ, torch's own check runs as usual."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        from torch._inductor import config, cpu_vec_isa
+
+        if config.cpp.vec_isa_ok is not None or "amx_tile" in cpu_vec_isa.x86_isa_checker():
+            return
+        with config.patch({"cpp.vec_isa_ok": True}):
+            cpu_vec_isa.valid_vec_isa_list()  # cached for the process
+    except (ImportError, AttributeError):
+        return
+
+
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0) -> BlockResult:
     t0 = time.perf_counter()
     _keep_freed_buffers()
-    buckets = _buckets(layers, _prescale(cfg, layers, data.importance))
+    buckets = _buckets(cfg, layers, _prescale(cfg, layers, data.importance))
     device = buckets[0].w.device
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
-    lr = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
     gen = torch.Generator().manual_seed(seed)
     batches = _batches(len(data.inputs), cfg.batch_size, gen)
     frozen = [p for p in block.parameters() if p.requires_grad]
@@ -266,6 +320,8 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     inputs = data.inputs.to(dtype)
     tokens = min(cfg.batch_size, len(inputs)) * inputs[0].numel() // inputs.shape[-1]
     mode = _compile_mode(cfg, device, amp, cfg.iters * tokens * sum(b.w.numel() for b in buckets))
+    if mode == "step":
+        _skip_isa_probe()
     step = _compiled_step() if mode == "step" else _step_loss
     qdq = _reference_qdq if mode == "step" else _compiled_qdq() if mode == "qdq" else fake_quantize_tuned
 
@@ -303,15 +359,10 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
                     if keep_best:
                         for kept, p in zip(best, params):
                             kept.copy_(p.detach())
-                step_size = lr * (1 - t / cfg.iters)
-                with torch.no_grad():  # signed step, in place
-                    for b in buckets:
-                        b.v.add_(b.v.grad.sign_(), alpha=-step_size).clamp_(-0.5, 0.5)
-                        if cfg.tune_minmax:
-                            b.mn.add_(b.mn.grad.sign_(), alpha=-step_size).clamp_(0, cfg.minmax_max)
-                            b.mx.add_(b.mx.grad.sign_(), alpha=-step_size).clamp_(0, cfg.minmax_max)
-                    for p in params:
-                        p.grad = None
+                for b in buckets:
+                    b.step(1 - t / cfg.iters, cfg.tune_minmax, cfg.minmax_max)
+                for p in params:
+                    p.grad = None
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -330,6 +381,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         # the mean over the last pass through the calibration set: about the final parameters' loss
         "loss_last": sum(losses[-last_pass:]) / last_pass if losses else None,
         "kept": cfg.keep,
+        "lr": sorted({cfg.layer_lr(s.bits) for _, s in layers.values()}),
         "iters": cfg.iters,
         "amp": str(amp).removeprefix("torch.") if amp is not None else None,
         "compiled": mode,

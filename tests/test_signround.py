@@ -1,0 +1,34 @@
+"""SignRound's learning rate per layer: its default by bits and iterations, and the signed step
+taking each row's own rate when the layers of one bucket differ."""
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.algorithms.signround import _Bucket
+
+
+def test_layer_lr_default():
+    assert lowbit.SignRound(iters=200).layer_lr(2) == lowbit.SignRound(iters=200).layer_lr(4) == 1 / 200
+    assert lowbit.SignRound(iters=1000).layer_lr(3) == 1 / 1000
+    light = lowbit.SignRound(iters=50)
+    assert light.layer_lr(2) == 1 / 50  # 2 bits: the full reach
+    assert light.layer_lr(3) == light.layer_lr(4) == pytest.approx(0.01)  # the walk's noise of 200 iterations
+    assert lowbit.SignRound(iters=50, lr=0.03).layer_lr(4) == 0.03  # given: for every layer
+
+
+def test_step_uses_each_rows_lr():
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 8, bias=False), nn.Linear(64, 4, bias=False)
+    algo = lowbit.SignRound(iters=50)
+    items = [("a", a, lowbit.Scheme(2, 32)), ("b", b, lowbit.Scheme(4, 32))]
+    bucket = _Bucket(32, True, items, {}, algo.layer_lr)
+    for p in bucket.params(True):
+        p.grad = torch.ones_like(p)
+    bucket.step(0.5, True, 1.0)
+    rows_a = 8 * 2  # 8 outputs x 2 groups of 32
+    assert torch.all(bucket.v[:rows_a] == -0.5 / 50) and torch.all(bucket.v[rows_a:] == -0.5 * 0.01)
+    assert torch.allclose(bucket.mn[:rows_a], torch.tensor(1 - 0.5 / 50))
+    assert torch.allclose(bucket.mx[rows_a:], torch.tensor(1 - 0.5 * 0.01))
+    # one layer (or layers of one rate): a plain number, as before
+    assert isinstance(_Bucket(32, True, items[:1], {}, algo.layer_lr).lr, float)
