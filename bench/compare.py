@@ -134,9 +134,10 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     if tool == "lowbit-arlayers":  # only in this process: the layers auto-round would quantize
         orig = lowbit.pipeline.find_linears
         lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
-    # one learning rate for every layer: 1 / iters (auto-round's default), or the cap lowbit puts on
-    # layers of 3 bits or more (SignRound.layer_lr) applied at 2 bits too
-    lr = {"lowbit-lr1": 1 / iters, "lowbit-lrcap": min(1 / iters, (200 * iters) ** -0.5)}.get(tool)
+    # one learning rate for every layer: lowbit's default for 2 bits (1 / iters, auto-round's
+    # default), or its default for 3 bits and over (the cap)
+    default = lowbit.SignRound(iters=iters)
+    lr = {"lowbit-lr1": default.layer_lr(2), "lowbit-lrcap": default.layer_lr(3)}.get(tool)
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
                             amp=False if tool == "lowbit-fp32" else None,
                             keep="best" if tool == "lowbit-keepbest" else "last", lr=lr)

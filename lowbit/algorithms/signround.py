@@ -280,7 +280,7 @@ def _keep_freed_buffers() -> None:
 @functools.cache
 def _skip_isa_probe() -> None:
     """Before its first CPU compile in a process, torch's inductor checks each vector ISA the CPU
-    has (AVX2, AVX-512) by loading a probe library in a fresh Python subprocess: 0.5-1 s of every
+    has (AVX2, AVX-512) by loading a probe library in a fresh Python subprocess: ~0.5 s of every
     compiled run (BENCHMARKS.md). The subprocess guards against instructions this process
     could not run, but torch reads the ISAs from ATen's CPU check, which has already vouched for
     them (CPU and OS support); so the list is taken without the probes. With AMX (whose use the
