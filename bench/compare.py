@@ -130,6 +130,7 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
 def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     import lowbit
     import lowbit.pipeline
+    from lowbit.host import tuned_process
 
     if tool == "lowbit-arlayers":  # only in this process: the layers auto-round would quantize
         orig = lowbit.pipeline.find_linears
@@ -142,8 +143,9 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
                             amp=False if tool == "lowbit-fp32" else None,
                             keep="best" if tool == "lowbit-keepbest" else "last", lr=lr)
     t0 = time.perf_counter()
-    r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
-                        nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)
+    with tuned_process():  # the process settings the lowbit command runs with
+        r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
+                            nsamples=nsamples, seqlen=SEQLEN, seed=seed, progress=False)
     quant_s = time.perf_counter() - t0
     blocks = r.report["blocks"]
     return quant_s, {

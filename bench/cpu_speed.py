@@ -61,7 +61,7 @@ def main():
     if sys.argv[1:] == ["compile"]:  # section 7 alone
         return compiled_step()
     from lowbit.algorithms.cpu_attention import attention as bf16_attention
-    from lowbit.qdq import fake_quantize_groups, fake_quantize_tuned, group_range
+    from lowbit.qdq.int import fake_quantize_groups, fake_quantize_tuned, group_range
 
     torch.manual_seed(0)
     for dt in (torch.float32, torch.bfloat16):
@@ -136,17 +136,18 @@ import os, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
 import lowbit
-from lowbit.algorithms import signround
+from lowbit import host
 from lowbit.calib import calibration_windows
 from lowbit.model import load_model
-if {plain_malloc}:
-    signround._keep_freed_buffers = lambda: None
+if {plain_malloc}:  # tuned_process without its parts, one at a time
+    host._mallopt = lambda: None
 if {isa_probe}:
-    signround._skip_isa_probe = lambda: None
+    host._isa_list_without_probe = lambda: None
 model, tok = load_model({path!r})
 windows = torch.load({windows!r}, weights_only=True)  # as bench/compare.py's runs get them
 t = time.perf_counter()
-r = lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=100, compile={compile}), windows, progress=False)
+with host.tuned_process():  # as the lowbit command runs
+    r = lowbit.quantize(model, "W4A16", lowbit.SignRound(iters=100, compile={compile}), windows, progress=False)
 s = time.perf_counter() - t
 b = r.report["blocks"]
 later = sum(x["seconds_per_iter"] for x in b[1:]) / (len(b) - 1)

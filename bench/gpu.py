@@ -31,15 +31,16 @@ BLOCKS_8B = 32
 def bench_kernel(args) -> list[dict]:
     import triton.testing
 
-    from lowbit.qdq.int import quantize
+    from lowbit.quantized import quantize_weight
     from lowbit.runtime import QuantLinear
+    from lowbit.schemes import Scheme
     from lowbit.runtime.triton_matmul import quant_matmul
 
     rows = []
     for bits in args.bits:
         for name, (n, k) in SHAPES.items():
             w = torch.randn(n, k, device="cuda")
-            q = quantize(w, bits, 128, True)
+            q = quantize_weight(w, Scheme(bits, 128, True))
             layer = QuantLinear.from_quantized(q).cuda()
             w16 = q.dequantize(torch.float16)
             for m in args.m:

@@ -12,10 +12,9 @@ def context_length(model, default: int = 2048) -> int:
 def load(path: str):
     """(model, tokenizer) of a local folder: an original model, lowbit's fake format, or an
     auto_round / gptq checkpoint (loaded with lowbit's QuantLinear: weights stay packed)."""
-    from lowbit.model import load_model
-    from lowbit.runtime.load import is_packed, load_packed
+    from lowbit.export import load as load_folder
 
-    return load_packed(path) if is_packed(path) else load_model(path)
+    return load_folder(path)
 
 
 def evaluate(model, text_file: str, *, tokenizer=None, seqlen: int = 2048, max_windows: int | None = None) -> dict:

@@ -1,21 +1,31 @@
 """The loop over blocks: capture block 0's inputs, then for each block compute its full-precision
 outputs (the targets), quantize it with the algorithm, write the weights, and feed its quantized
-outputs to the next block. Only one block's working set is on the device at a time."""
+outputs to the next block. Only one block's working set is on the device at a time.
+
+    run = prepare(model, scheme, algorithm, dataset)    # load, schemes per layer, block 0's inputs
+    for i in range(len(run.blocks)):
+        quantize_block(run, i)                          # one block, its weights written in place
+    result = finish(run)
+
+`quantize` does exactly that, with progress lines and an optional per-block hook.
+"""
 from __future__ import annotations
 
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.algorithms import BlockData, get_algorithm
+from lowbit.algorithms.base import Algorithm
 from lowbit.algorithms.cpu_attention import attention_context
-from lowbit.algorithms.prescale import InputEnergy
+from lowbit.algorithms.stats import COLLECTORS
 from lowbit.calib import calibration_windows, windows_hash
 from lowbit.errors import LowbitError
 from lowbit.model import (
@@ -29,7 +39,7 @@ from lowbit.model import (
     run_block,
     weight_modules,
 )
-from lowbit.qdq import QuantizedWeight, quantize as quantize_weight
+from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
 from lowbit.schemes import Scheme, get_scheme
 
 # Named settings bundles: (algorithm settings, pipeline settings).
@@ -41,11 +51,28 @@ PRESETS = {
 
 
 @dataclass
-class QuantizeResult:
+class Run:
+    """One quantize call between blocks: what `quantize_block` needs and what it leaves for the
+    next block."""
+
     model: nn.Module
     tokenizer: object
-    layers: dict[str, QuantizedWeight]  # full module name -> codes, scales, zero points
-    report: dict = field(default_factory=dict)
+    scheme: Scheme  # the default; layers may have others (schemes)
+    algo: Algorithm
+    device: torch.device
+    seed: int
+    blocks_name: str
+    blocks: nn.ModuleList
+    block_layers: list[dict[str, nn.Linear]]
+    schemes: dict[str, Scheme]  # full layer name -> scheme
+    report: dict
+    q_in: torch.Tensor | None = None  # the next block's inputs (outputs of the quantized blocks)
+    fp_in: torch.Tensor | None = None  # the next block's full-precision inputs
+    kwargs: list[dict] | None = None  # each block's keyword arguments
+    fwd_dtype: torch.dtype | None = None  # the autocast the algorithm tunes in
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)  # the algorithm's, kept between blocks (Algorithm.quantize_block)
+    t_start: float = field(default_factory=time.perf_counter)
 
 
 def layer_schemes(names: list[str], default: Scheme, overrides: dict | None) -> dict[str, Scheme]:
@@ -75,12 +102,32 @@ def quantize(
     lm_head: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    on_block: Callable[[int, dict[str, QuantizedWeight], dict], None] | None = None,
 ) -> QuantizeResult:
     """Quantize the Linear layers of every transformer block of `model` (a module or a local
     folder). `algorithm` is a name or a config (e.g. SignRound(iters=50)); `dataset` a file path,
     a datasets name or token windows [n, seqlen]; `overrides` maps layer names or regexes to
-    schemes. The model is changed in place (fake-quantized weights) and returned with the codes."""
-    t_start = time.perf_counter()
+    schemes. The model is changed in place (fake-quantized weights) and returned with the codes.
+    `on_block(index, weights, stats)` is called after each block, its weights already in place."""
+    run = prepare(model, scheme, algorithm, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
+                  seed=seed, overrides=overrides, device=device)
+    # The bar only on a terminal; the per-block lines always (logs and CI read them).
+    bar = tqdm(range(len(run.blocks)), desc="blocks", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+    for i in bar:
+        weights, stats = quantize_block(run, i)
+        if progress:
+            _show_progress(bar, stats, len(run.blocks))
+        if on_block is not None:
+            on_block(i, weights, stats)
+    bar.close()
+    return finish(run, lm_head)
+
+
+def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", dataset=None, *, tokenizer=None,
+            nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overrides: dict | None = None,
+            device: str | torch.device | None = None) -> Run:
+    """Everything before the first block: the model, each layer's scheme and, for an algorithm
+    that needs data, the calibration windows and block 0's inputs."""
     if isinstance(scheme, str):
         scheme = get_scheme(scheme)
     algo = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
@@ -92,87 +139,97 @@ def quantize(
     blocks_name, blocks = find_blocks(model)
     block_layers = [find_linears(b) for b in blocks]
     names = [f"{blocks_name}.{i}.{n}" for i, ls in enumerate(block_layers) for n in ls]
-    schemes = layer_schemes(names, scheme, overrides)
-
     report = {
         "lowbit_version": __version__,
         "scheme": scheme.to_dict() | {"name": scheme.name},
         "algorithm": {"name": algo.name, **asdict(algo)},
         "blocks": [],
     }
-    windows = kwargs = None
+    run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers,
+              layer_schemes(names, scheme, overrides), report)
     if algo.needs_data:
-        if dataset is None:
-            raise LowbitError(f"algorithm {algo.name!r} needs calibration data (dataset)")
-        if tokenizer is None and not isinstance(dataset, torch.Tensor):
-            raise LowbitError("a tokenizer is needed to tokenize the calibration text")
-        windows = calibration_windows(tokenizer, dataset, nsamples, seqlen, seed)
-        report["calibration"] = {
-            "source": dataset if isinstance(dataset, str) else "token windows",
-            "nsamples": int(windows.shape[0]),
-            "seqlen": int(windows.shape[1]),
-            "seed": seed,
-            "sha256": windows_hash(windows),
-        }
-        t0 = time.perf_counter()
-        with blocks_detached(model, blocks_name):
-            model.to(device)
-        q_in, kwargs = capture_block_inputs(model, blocks, windows, device)
-        fp_in = q_in
-        report["calibration"]["capture_seconds"] = time.perf_counter() - t0
-
+        _capture(run, dataset, nsamples, seqlen)
     # The full-precision targets and the next block's inputs are computed under the autocast the
     # algorithm tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
-    fwd_dtype = algo.tuning_dtype(device) if hasattr(algo, "tuning_dtype") else None
-    quantized: dict[str, QuantizedWeight] = {}
-    # The bar only on a terminal; the per-block lines always (logs and CI read them).
-    bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
-    for i, block in bar:
-        t0 = time.perf_counter()
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = {n: (lin, schemes[f"{blocks_name}.{i}.{n}"]) for n, lin in block_layers[i].items()}
-        data = None
-        if algo.needs_data:
-            batch = getattr(algo, "batch_size", 8)
-            energy = InputEnergy(block_layers[i]) if algo_needs_importance(algo, layers) else None
-            with attention_context(fwd_dtype, device):
-                targets = run_block(block, fp_in, kwargs[i], batch, fwd_dtype)
-            data = BlockData(q_in, kwargs[i], targets, energy.remove() if energy else None)
-        result = algo.quantize_block(block, layers, data, seed=seed + i)
-        with torch.no_grad():
-            for n, (lin, _) in layers.items():
-                lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
-                quantized[f"{blocks_name}.{i}.{n}"] = result.weights[n]
-        calib_loss = None
-        if algo.needs_data and i + 1 < len(blocks):  # the last block's outputs feed nothing
-            with attention_context(fwd_dtype, device):
-                q_in = run_block(block, q_in, kwargs[i], batch, fwd_dtype)
-            calib_loss = _mse(q_in, targets, batch)
-            fp_in = targets
-        block.to(home)
-        # loss_calib: the quantized block's loss on every calibration window (the tuning loss, not
-        # one minibatch's), free from the outputs the next block needs anyway.
-        stats = {"index": i, **result.stats, "loss_calib": calib_loss, "seconds": time.perf_counter() - t0}
-        report["blocks"].append(stats)
-        if progress:
-            loss = next((stats[k] for k in ("loss_calib", "loss_last", "loss_best") if stats.get(k) is not None), None)
-            first = stats.get("loss_first")
-            msg = f"block {i + 1}/{len(blocks)}: {stats['seconds']:.1f}s"
-            if loss is not None:
-                msg += f", loss {first:.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
-            bar.write(msg, file=sys.stderr)
-            bar.set_postfix(loss=f"{loss:.3g}" if loss is not None else "-", s=f"{stats['seconds']:.1f}")
-    bar.close()
+    run.fwd_dtype = algo.tuning_dtype(device)
+    return run
 
-    if lm_head:
-        quantized.update(_quantize_lm_head(model, scheme))
-    report["layers"] = {
-        n: {"bits": q.bits, "group_size": q.group_size, "sym": q.sym} for n, q in quantized.items()
+
+def _capture(run: Run, dataset, nsamples: int, seqlen: int) -> None:
+    """The calibration windows and block 0's inputs (and every block's keyword arguments)."""
+    if dataset is None:
+        raise LowbitError(f"algorithm {run.algo.name!r} needs calibration data (dataset)")
+    if run.tokenizer is None and not isinstance(dataset, torch.Tensor):
+        raise LowbitError("a tokenizer is needed to tokenize the calibration text")
+    windows = calibration_windows(run.tokenizer, dataset, nsamples, seqlen, run.seed)
+    run.report["calibration"] = {
+        "source": dataset if isinstance(dataset, str) else "token windows",
+        "nsamples": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "seed": run.seed,
+        "sha256": windows_hash(windows),
     }
-    report["unquantized"] = sorted(n for n in weight_modules(model) if n not in quantized)
-    report["seconds"] = time.perf_counter() - t_start
-    return QuantizeResult(model, tokenizer, quantized, report)
+    t0 = time.perf_counter()
+    with blocks_detached(run.model, run.blocks_name):
+        run.model.to(run.device)
+    run.q_in, run.kwargs = capture_block_inputs(run.model, run.blocks, windows, run.device)
+    run.fp_in = run.q_in
+    run.report["calibration"]["capture_seconds"] = time.perf_counter() - t0
+
+
+def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize block i (blocks go in order), write its fake-quantized weights into the model and
+    compute the next block's inputs. Returns the block's weights and its stats line."""
+    t0 = time.perf_counter()
+    algo, block, device = run.algo, run.blocks[i], run.device
+    home = next(block.parameters()).device
+    block.to(device)
+    layers = {n: (lin, run.schemes[f"{run.blocks_name}.{i}.{n}"]) for n, lin in run.block_layers[i].items()}
+    batch = algo.block_batch_size
+    data = targets = None
+    if algo.needs_data:
+        wanted = algo.statistics([s for _, s in layers.values()])
+        collectors = {name: COLLECTORS[name](run.block_layers[i]) for name in wanted}
+        with attention_context(run.fwd_dtype, device, block):
+            targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
+        data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
+    result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
+    with torch.no_grad():
+        for n, (lin, _) in layers.items():
+            lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
+            run.quantized[f"{run.blocks_name}.{i}.{n}"] = result.weights[n]
+    calib_loss = None
+    if algo.needs_data and i + 1 < len(run.blocks):  # the last block's outputs feed nothing
+        with attention_context(run.fwd_dtype, device, block):
+            run.q_in = run_block(block, run.q_in, run.kwargs[i], batch, run.fwd_dtype)
+        calib_loss = _mse(run.q_in, targets, batch)
+        run.fp_in = targets
+    block.to(home)
+    # loss_calib: the quantized block's loss on every calibration window (the tuning loss, not
+    # one minibatch's), free from the outputs the next block needs anyway.
+    stats = {"index": i, **result.stats, "loss_calib": calib_loss, "seconds": time.perf_counter() - t0}
+    run.report["blocks"].append(stats)
+    return result.weights, stats
+
+
+def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
+    """After the last block: lm_head if asked, and the report's summary of what was done."""
+    if lm_head:
+        run.quantized.update(_quantize_lm_head(run.model, run.scheme))
+    report = run.report
+    report["layers"] = {n: q.scheme.to_dict() for n, q in run.quantized.items()}
+    report["unquantized"] = sorted(n for n in weight_modules(run.model) if n not in run.quantized)
+    report["seconds"] = time.perf_counter() - run.t_start
+    return QuantizeResult(run.model, run.tokenizer, run.quantized, report)
+
+
+def _show_progress(bar, stats: dict, n_blocks: int) -> None:
+    loss = next((stats[k] for k in ("loss_calib", "loss_last", "loss_best") if stats.get(k) is not None), None)
+    msg = f"block {stats['index'] + 1}/{n_blocks}: {stats['seconds']:.1f}s"
+    if loss is not None:
+        msg += f", loss {stats.get('loss_first'):.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
+    bar.write(msg, file=sys.stderr)
+    bar.set_postfix(loss=f"{loss:.3g}" if loss is not None else "-", s=f"{stats['seconds']:.1f}")
 
 
 @torch.no_grad()
@@ -180,11 +237,6 @@ def _mse(a: torch.Tensor, b: torch.Tensor, batch: int) -> float:
     """Mean squared difference, a batch of rows at a time (no full-size temporary)."""
     total = sum((a[i : i + batch].float() - b[i : i + batch].float()).pow(2).sum().item() for i in range(0, len(a), batch))
     return total / a.numel()
-
-
-def algo_needs_importance(algo, layers) -> bool:
-    needs = getattr(algo, "needs_importance", None)
-    return bool(needs and needs([s for _, s in layers.values()]))
 
 
 @torch.no_grad()
@@ -197,6 +249,6 @@ def _quantize_lm_head(model, scheme: Scheme) -> dict[str, QuantizedWeight]:
     head.weight = nn.Parameter(head.weight.detach().clone())  # untie from the input embeddings
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
-    q = quantize_weight(head.weight, scheme.bits, scheme.group_size, scheme.sym)
+    q = quantize_weight(head.weight, scheme)
     head.weight.copy_(q.dequantize(head.weight.dtype))
     return {name: q}

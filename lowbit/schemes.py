@@ -6,13 +6,13 @@ import re
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
-
-DATA_TYPES = ("int",)
+from lowbit.qdq import get_dtype
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """Weight-only quantization scheme: bits, group size (-1 = per output channel), symmetry."""
+    """Weight-only quantization scheme: bits, group size (-1 = per output channel), symmetry, and
+    the data type (a name in lowbit.qdq.DTYPES), which says which combinations it takes."""
 
     bits: int = 4
     group_size: int = 128
@@ -20,14 +20,20 @@ class Scheme:
     dtype: str = "int"
 
     def __post_init__(self):
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise LowbitError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size == 0 or self.group_size < -1:
             raise LowbitError(
                 f"group_size must be a positive integer or -1 (per channel), got {self.group_size!r}"
             )
-        if self.dtype not in DATA_TYPES:
-            raise LowbitError(f"data type {self.dtype!r} is not supported (have: {', '.join(DATA_TYPES)})")
+        reason = get_dtype(self.dtype).check(self.bits, self.group_size, self.sym)
+        if reason:
+            raise LowbitError(reason)
+
+    @property
+    def data_type(self):
+        """The registered data type object (lowbit.qdq.base.DataType) of the weights."""
+        return get_dtype(self.dtype)
 
     @property
     def name(self) -> str:

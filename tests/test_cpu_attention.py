@@ -47,20 +47,41 @@ def test_gradients_match_sdpa():
         assert (a - b).norm() < 0.02 * b.norm()
 
 
-def test_routing_falls_back_and_restores(monkeypatch):
+def _tiny_llama(attn="sdpa"):
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_block_routing_falls_back_and_restores(monkeypatch):
+    """Within bf16_attention(block) the block's sdpa attention runs `attention`; nothing global
+    changes (torch's function, other models), the config comes back on exit and on errors, and
+    what the plain matmuls do not take goes to transformers' SDPA."""
     sdpa = F.scaled_dot_product_attention
-    q, k, v = qkv(1, 4, 4, 8, 8, 8)
-    with bf16_attention():
-        assert F.scaled_dot_product_attention is not sdpa
-        routed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=1e-9)  # dropout: torch's
-        monkeypatch.setattr(cpu_attention, "MAX_SCORES", 10)  # too many scores: torch's
-        big = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert F.scaled_dot_product_attention is sdpa
-    ref = sdpa(q, k, v, is_causal=True)
-    assert not torch.equal(routed, ref) and (routed - ref).abs().max() < 0.05
-    assert torch.equal(big, ref)
-    assert exact.shape == ref.shape
-    with pytest.raises(RuntimeError), bf16_attention():
-        raise RuntimeError("restored on errors too")
-    assert F.scaled_dot_product_attention is sdpa
+    model, other = _tiny_llama(), _tiny_llama()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with bf16_attention(model.model.layers[0]):
+            assert model.config._attn_implementation == cpu_attention.ATTENTION_NAME
+            assert other.config._attn_implementation == "sdpa"
+            assert F.scaled_dot_product_attention is sdpa
+            routed = model(ids).logits
+            monkeypatch.setattr(cpu_attention, "MAX_SCORES", 10)  # too many scores: transformers' SDPA
+            big = model(ids).logits
+        assert model.config._attn_implementation == "sdpa"
+        assert not torch.equal(routed, ref) and (routed - ref).abs().max() < 0.05 * ref.abs().max()
+        assert torch.equal(big, ref)
+        with pytest.raises(RuntimeError), bf16_attention(model.model.layers[0]):
+            raise RuntimeError("restored on errors too")
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_block_routing_leaves_eager_alone():
+    model = _tiny_llama("eager")
+    with bf16_attention(model.model.layers[0]):
+        assert model.config._attn_implementation == "eager"

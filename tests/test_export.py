@@ -10,10 +10,10 @@ import lowbit
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import check_formats, export, parse_formats, read_quantized
-from lowbit.qdq.int import quantize
+from lowbit.quantized import quantize_weight
 from lowbit.qdq.pack import unpack_rows
 from lowbit.runtime import QuantLinear
-from lowbit.runtime.load import load_packed
+from lowbit.export.packed import load_packed
 from lowbit.runtime.quant_linear import unpack_words
 from lowbit.schemes import Scheme
 
@@ -31,12 +31,12 @@ def _ids(tokenizer, text_file, n=96):
 def test_quant_linear_matches_dequantized(bits, shape, group, sym):
     torch.manual_seed(bits)
     w = torch.randn(*shape)
-    q = quantize(w, bits, group, sym)
+    q = quantize_weight(w, Scheme(bits, group, sym))
     bias = torch.randn(shape[0])
     layer = QuantLinear.from_quantized(q, bias)
     x = torch.randn(3, 5, shape[1])
     # scales are stored in float16, as in the checkpoint
-    qh = type(q)(q.codes, q.scale.half().float(), q.zero, q.bits, q.group_size, q.sym)
+    qh = q.replace(scale=q.scale.half().float())
     torch.testing.assert_close(layer(x), F.linear(x, qh.dequantize(), bias), rtol=1e-5, atol=1e-5)
 
 

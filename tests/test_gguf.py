@@ -19,7 +19,8 @@ from lowbit.export.gguf import (  # noqa: E402
     rotary_row_order,
     write_gguf,
 )
-from lowbit.qdq import quantize as quantize_weight  # noqa: E402
+from lowbit.quantized import quantize_weight  # noqa: E402
+from lowbit.schemes import Scheme  # noqa: E402
 
 from conftest import ASSETS, STORIES, TINYSTORIES, need_assets  # noqa: E402
 
@@ -201,7 +202,7 @@ def test_exact_q8_0_and_wider_groups(tmp_path):
     model = res.model
     layer = "model.layers.0.mlp.up_proj"
     w = model.get_submodule(layer).weight.detach()
-    q = quantize_weight(w, 4, 128, True)
+    q = quantize_weight(w, Scheme(4, 128, True))
     with torch.no_grad():
         model.get_submodule(layer).weight.copy_(q.dequantize())
     path = tmp_path / "m4.gguf"

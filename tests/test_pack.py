@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from lowbit.qdq import QuantizedWeight, quantize
+from lowbit.quantized import QuantizedWeight, quantize_weight
+from lowbit.schemes import Scheme
 from lowbit.qdq.pack import pack_gptq, pack_rows, pad_to, unpack_gptq, unpack_rows
 
 BITS = [2, 3, 4, 8]
@@ -187,8 +188,8 @@ GPTQ_CASES = [
 def test_pack_gptq_round_trip(bits, sym, out_f, in_f, group_size):
     g = torch.Generator().manual_seed(out_f * 1000 + in_f)
     w = torch.randn(out_f, in_f, generator=g) * 0.05
-    q = quantize(w, bits, group_size, sym)
-    t = pack_gptq(q)
+    q = quantize_weight(w, Scheme(bits, group_size, sym))
+    t = pack_gptq(q.codes, q.zero, q.scale, q.bits)
     ng = q.scale.shape[1]
     assert t["qweight"].dtype == torch.int32
     assert t["qweight"].shape == (-(-in_f // 32) * bits, out_f)
@@ -202,7 +203,7 @@ def test_pack_gptq_round_trip(bits, sym, out_f, in_f, group_size):
     assert zero.shape == q.zero.shape and torch.equal(zero, q.zero.float())  # stored as is
     assert scale.dtype == torch.float32 and torch.equal(scale, q.scale.half().float())
 
-    w_back = QuantizedWeight(codes, scale, zero, bits, group_size, sym).dequantize()
+    w_back = QuantizedWeight(Scheme(bits, group_size, sym), codes, scale, zero).dequantize()
     w_ref = q.dequantize()
     # Only the fp16 rounding of the scale differs: |code - zero| <= 2^bits, rel. error <= 2^-11.
     tol = (q.scale.abs().amax() * 2**bits * 2**-10).item()
@@ -213,8 +214,8 @@ def test_pack_gptq_round_trip(bits, sym, out_f, in_f, group_size):
 def test_pack_gptq_qweight_is_transposed_codes_packed_along_in():
     bits = 4
     w = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
-    q = quantize(w, bits, 32, False)
-    t = pack_gptq(q)
+    q = quantize_weight(w, Scheme(bits, 32, False))
+    t = pack_gptq(q.codes, q.zero, q.scale, q.bits)
     # Column o of qweight packs row o of the codes (all in_features of output o).
     for o in (0, 17, 39):
         assert _as_unsigned(t["qweight"][:, o]) == _reference_pack(q.codes[o].tolist(), bits)
@@ -225,8 +226,8 @@ def test_pack_gptq_qweight_is_transposed_codes_packed_along_in():
 
 
 def test_unpack_gptq_checks_shapes():
-    q = quantize(torch.randn(32, 64), 4, 32, False)
-    t = pack_gptq(q)
+    q = quantize_weight(torch.randn(32, 64), Scheme(4, 32, False))
+    t = pack_gptq(q.codes, q.zero, q.scale, q.bits)
     unpack_gptq(t, 4, 32, 64, 32)
     with pytest.raises(ValueError, match="qweight"):
         unpack_gptq(t, 4, 32, 96, 32)

@@ -1,8 +1,11 @@
 import torch
 from torch import nn
 
-from lowbit.algorithms.prescale import DEFAULT_GRID, InputEnergy, search_range_factors
-from lowbit.qdq import fake_quantize_groups, from_groups, to_groups
+from lowbit.algorithms.prescale import DEFAULT_GRID, search_range_factors
+from lowbit.algorithms.stats import InputEnergy
+from lowbit.qdq import from_groups, to_groups
+from lowbit.qdq.int import fake_quantize_groups
+from lowbit.schemes import Scheme
 
 
 def weighted_err(w, factors, imp, bits=2, group=32, sym=True):
@@ -17,7 +20,7 @@ def test_search_never_worse_than_plain_and_usually_better():
     w = torch.randn(32, 128, generator=g)
     imp = torch.rand(128, generator=g) ** 4  # a few channels dominate, as in real activations
     for sym in (True, False):
-        f = search_range_factors(w, 2, 32, sym, imp)
+        f = search_range_factors(w, Scheme(2, 32, sym), imp)
         assert f.shape == (32, 4) and (f <= 1).all() and (f >= min(DEFAULT_GRID)).all()
         plain = weighted_err(w, torch.ones(32, 4), imp, sym=sym)
         searched = weighted_err(w, f, imp, sym=sym)
@@ -30,17 +33,17 @@ def test_importance_changes_the_choice():
     w[0, 0] = 3.0  # outlier
     imp = torch.ones(32)
     imp[0] = 0.0
-    uniform = search_range_factors(w, 3, 32, True, None)
-    weighted = search_range_factors(w, 3, 32, True, imp)
+    uniform = search_range_factors(w, Scheme(3, 32, True), None)
+    weighted = search_range_factors(w, Scheme(3, 32, True), imp)
     assert weighted.item() < uniform.item()
 
 
 def test_partial_group_padding_ignored():
     w = torch.randn(4, 40, generator=torch.Generator().manual_seed(2))
-    f = search_range_factors(w, 2, 32, False, torch.ones(40))
+    f = search_range_factors(w, Scheme(2, 32, False), torch.ones(40))
     assert f.shape == (4, 2)
     # The last group (8 real columns) gets the same factor as searching those columns alone.
-    alone = search_range_factors(w[:, 32:], 2, -1, False, torch.ones(8))
+    alone = search_range_factors(w[:, 32:], Scheme(2, -1, False), torch.ones(8))
     assert torch.equal(f[:, 1], alone[:, 0])
 
 

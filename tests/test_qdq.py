@@ -1,16 +1,19 @@
 import pytest
 import torch
 
-from lowbit.qdq import (
-    fake_quantize,
-    fake_quantize_groups,
-    fake_quantize_tuned,
-    from_groups,
-    group_range,
-    quantize,
-    round_ste,
-    to_groups,
-)
+from lowbit.qdq import from_groups, round_ste, to_groups
+from lowbit.qdq.int import fake_quantize_groups, fake_quantize_tuned, group_range
+from lowbit.quantized import quantize_weight
+from lowbit.schemes import Scheme
+
+
+def quantize(w, bits, group_size, sym, **tuned):
+    return quantize_weight(w, Scheme(bits, group_size, sym), **tuned)
+
+
+def fake_quantize(w, bits, group_size, sym):
+    """Round-to-nearest quantize-dequantize of a 2-D weight, shaped like w."""
+    return from_groups(fake_quantize_groups(to_groups(w, group_size), bits, sym), w.shape[1])
 
 BITS = [2, 3, 4, 8]
 

@@ -22,7 +22,7 @@ def test_step_uses_each_rows_lr():
     a, b = nn.Linear(64, 8, bias=False), nn.Linear(64, 4, bias=False)
     algo = lowbit.SignRound(iters=50)
     items = [("a", a, lowbit.Scheme(2, 32)), ("b", b, lowbit.Scheme(4, 32))]
-    bucket = _Bucket(32, True, items, {}, algo.layer_lr)
+    bucket = _Bucket("int", 32, True, items, {}, algo.layer_lr)
     for p in bucket.params(True):
         p.grad = torch.ones_like(p)
     bucket.step(0.5, True, 1.0)
@@ -31,4 +31,4 @@ def test_step_uses_each_rows_lr():
     assert torch.allclose(bucket.mn[:rows_a], torch.tensor(1 - 0.5 / 50))
     assert torch.allclose(bucket.mx[rows_a:], torch.tensor(1 - 0.5 * 0.01))
     # one layer (or layers of one rate): a plain number, as before
-    assert isinstance(_Bucket(32, True, items[:1], {}, algo.layer_lr).lr, float)
+    assert isinstance(_Bucket("int", 32, True, items[:1], {}, algo.layer_lr).lr, float)

@@ -1,12 +1,18 @@
-"""What every algorithm takes and returns: one block in, quantized weights out."""
+"""What every algorithm takes and returns, and what the pipeline may ask of it.
+
+An algorithm is a frozen config with the methods of `Algorithm`: one block in (its Linear layers,
+their schemes, calibration data), quantized weights out. The pipeline never probes an algorithm
+for optional attributes; everything it may ask is listed here.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from lowbit.qdq import QuantizedWeight
+from lowbit.quantized import QuantizedWeight
 from lowbit.schemes import Scheme
 
 
@@ -14,13 +20,13 @@ from lowbit.schemes import Scheme
 class BlockData:
     """Calibration data for one block: its inputs (outputs of the blocks already quantized),
     the keyword arguments it is called with, and the full-precision block's outputs on
-    full-precision inputs (the targets); optionally, per Linear, the mean x^2 of its input
-    channels (for algorithms that weight errors by activation energy)."""
+    full-precision inputs (the targets); and the statistics of the inputs of its Linear layers
+    that the algorithm asked for ({statistic name: {layer name: tensor}}, see stats.py)."""
 
     inputs: torch.Tensor  # [n, seqlen, hidden]
     kwargs: dict
     targets: torch.Tensor  # [n, seqlen, hidden]
-    importance: dict[str, torch.Tensor] | None = None  # layer name -> [in_features]
+    stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,3 +37,26 @@ class BlockResult:
 
 # name inside the block -> (the Linear, its scheme)
 LayerMap = dict[str, tuple[nn.Linear, Scheme]]
+
+
+class Algorithm(Protocol):
+    name: ClassVar[str]
+    needs_data: ClassVar[bool]  # calibration data: targets and inputs per block
+
+    @property
+    def block_batch_size(self) -> int:
+        """Windows per forward pass when the pipeline runs a block over the calibration data."""
+
+    def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype the block runs in while it is tuned (None: the weights' own); the
+        pipeline computes targets and next inputs under the same one."""
+
+    def statistics(self, schemes: list[Scheme]) -> tuple[str, ...]:
+        """Names of the input statistics (stats.COLLECTORS) to gather for a block whose layers
+        have these schemes."""
+
+    def quantize_block(self, block: nn.Module, layers: LayerMap, data: BlockData | None, seed: int,
+                       run: dict) -> BlockResult:
+        """Quantize one block. `run` is a scratch dict the pipeline creates once per quantize call
+        and hands to every block: what an algorithm learns on one block (a compile that failed)
+        carries to the next blocks of the same run and no further."""

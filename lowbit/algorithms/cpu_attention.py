@@ -3,8 +3,10 @@
 At tuning shapes (a few hundred tokens, small heads) torch's fused CPU attention kernel computes
 in float32 whatever the input, and its backward recomputes the softmax: it costs more than three
 plain bf16 batched matmuls with the scores kept (bench/cpu_speed.py measures both). While a block is
-tuned, `bf16_attention()` routes F.scaled_dot_product_attention through `attention` below, for
-CPU inputs whose score matrix is small enough to hold; everything else goes to torch's kernel.
+tuned, `bf16_attention(block)` points the block's attention modules that use transformers' "sdpa"
+at `ATTENTION_NAME`, registered with transformers' AttentionInterface: `attention` below for CPU
+inputs whose score matrix is small enough to hold, transformers' own SDPA for everything else.
+Nothing outside the block's configs is changed, and they are restored on exit.
 """
 from __future__ import annotations
 
@@ -12,40 +14,57 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
-import torch.nn.functional as F
 
 # Beyond this many attention scores per call (batch x heads x queries x keys) torch's kernel,
 # which never holds them all, is used instead: the scores and their softmax are kept for backward,
 # and past a few tens of millions of them the plain matmuls stop winning.
 MAX_SCORES = 32 * 1024 * 1024
 CAUSAL_CHUNKS = 2
+ATTENTION_NAME = "lowbit_cpu_bf16"
 
 
-def attention_context(dtype: torch.dtype | None, device: torch.device):
-    """bf16_attention() for a bf16 block on the CPU, else nothing."""
-    return bf16_attention() if dtype == torch.bfloat16 and device.type == "cpu" else nullcontext()
+def attention_context(dtype: torch.dtype | None, device: torch.device, block: torch.nn.Module):
+    """bf16_attention(block) for a bf16 block on the CPU, else nothing."""
+    return bf16_attention(block) if dtype == torch.bfloat16 and device.type == "cpu" else nullcontext()
 
 
-_sdpa = F.scaled_dot_product_attention
+def hf_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention-function signature: query [B, H, L, D], key/value [B, Hkv, S, D];
+    returns ([B, L, H, D], None), as its "sdpa" does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type != "cpu" or dropout > 0 or not _small(query, key)
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    out = attention(query, key, value, attention_mask, causal, scaling)
+    return out.transpose(1, 2).contiguous(), None
 
 
-def _routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if query.device.type != "cpu" or dropout_p > 0 or not _small(query, key):
-        return _sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                     scale=scale, enable_gqa=enable_gqa)
-    return attention(query, key, value, attn_mask, is_causal, scale)
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, hf_attention)
 
 
 @contextmanager
-def bf16_attention():
-    """Within the block, F.scaled_dot_product_attention on CPU tensors runs `attention`. The one
-    module-level function each time, so a compiled step traced under it stays valid for every block."""
-    saved = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _routed
+def bf16_attention(block: torch.nn.Module):
+    """Within, the block's modules whose config selects "sdpa" select `hf_attention` instead.
+    The same module-level function each time, so a compiled step traced under it stays valid for
+    every block."""
+    _register()
+    configs = {id(c): c for m in block.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "_attn_implementation_internal", None) == "sdpa"}
+    for c in configs.values():
+        c._attn_implementation_internal = ATTENTION_NAME  # the attribute itself: no recursion into sub-configs
     try:
         yield
     finally:
-        F.scaled_dot_product_attention = saved
+        for c in configs.values():
+            c._attn_implementation_internal = "sdpa"
 
 
 def _small(query, key) -> bool:

@@ -5,16 +5,21 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
-from lowbit.qdq import quantize
+from lowbit.quantized import quantize_weight
 
 
 @dataclass(frozen=True)
 class RTN:
     name: ClassVar[str] = "rtn"
     needs_data: ClassVar[bool] = False
+    block_batch_size: ClassVar[int] = 8
 
-    def quantize_block(self, block, layers: LayerMap, data: BlockData | None = None, seed: int = 0) -> BlockResult:
-        weights = {
-            name: quantize(lin.weight, s.bits, s.group_size, s.sym) for name, (lin, s) in layers.items()
-        }
-        return BlockResult(weights)
+    def tuning_dtype(self, device):
+        return None
+
+    def statistics(self, schemes):
+        return ()
+
+    def quantize_block(self, block, layers: LayerMap, data: BlockData | None = None, seed: int = 0,
+                       run: dict | None = None) -> BlockResult:
+        return BlockResult({name: quantize_weight(lin.weight, s) for name, (lin, s) in layers.items()})

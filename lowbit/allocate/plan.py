@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from lowbit import __version__
+from lowbit.version import __version__
 from lowbit.allocate.cost import layer_bits
 from lowbit.allocate.sensitivity import METRICS, tuned_weights
 from lowbit.allocate.solvers import SOLVERS, Choice, Problem

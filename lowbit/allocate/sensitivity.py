@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowbit.algorithms.prescale import InputEnergy, search_range_factors
+from lowbit.algorithms.prescale import search_range_factors
+from lowbit.algorithms.stats import InputEnergy
 from lowbit.model import capture_block_inputs, run_block
-from lowbit.qdq import quantize
+from lowbit.quantized import quantize_weight
 from lowbit.schemes import Scheme
 
 
 def quantized_weight(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None, prescale: bool) -> torch.Tensor:
-    f = search_range_factors(w, scheme.bits, scheme.group_size, scheme.sym, importance) if prescale else None
-    return quantize(w, scheme.bits, scheme.group_size, scheme.sym, min_scale=f, max_scale=f).dequantize(w.dtype)
+    f = search_range_factors(w, scheme, importance) if prescale else None
+    return quantize_weight(w, scheme, min_scale=f, max_scale=f).dequantize(w.dtype)
 
 
 def tuned_weights(model, options: dict[str, Scheme], windows: torch.Tensor, iters: int) -> dict:

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
+from lowbit.export.base import Format
+from lowbit.quantized import QuantizedWeight, QuantizeResult
+from lowbit.schemes import Scheme
 
 
 def check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -30,22 +34,50 @@ def write_fake(model, tokenizer, layers, report: dict, folder: str) -> None:
     for name, q in layers.items():
         tensors[f"{name}.codes"] = q.codes.contiguous()
         tensors[f"{name}.scale"] = q.scale.float().contiguous()
-        tensors[f"{name}.zero"] = q.zero.to(q.codes.dtype).contiguous()
+        if q.zero is not None:
+            tensors[f"{name}.zero"] = q.zero.to(q.codes.dtype).contiguous()
     save_file(tensors, os.path.join(folder, "quantized_weights.safetensors"))
     with open(os.path.join(folder, "quantization.json"), "w") as f:
         json.dump({"format": "fake", **report}, f, indent=2)
 
 
-def read_fake_layers(folder: str) -> dict:
+def read_fake_layers(folder: str) -> dict[str, QuantizedWeight]:
     """The QuantizedWeights a fake folder stores (inverse of write_fake's tensors)."""
     from safetensors.torch import load_file
-
-    from lowbit.qdq.int import QuantizedWeight
 
     with open(os.path.join(folder, "quantization.json")) as f:
         meta = json.load(f)["layers"]
     t = load_file(os.path.join(folder, "quantized_weights.safetensors"))
-    return {
-        n: QuantizedWeight(t[f"{n}.codes"], t[f"{n}.scale"], t[f"{n}.zero"].float(), m["bits"], m["group_size"], m["sym"])
-        for n, m in meta.items()
-    }
+    out = {}
+    for n, m in meta.items():
+        zero = t.get(f"{n}.zero")
+        out[n] = QuantizedWeight(Scheme.from_dict(m), t[f"{n}.codes"], t[f"{n}.scale"],
+                                 zero.float() if zero is not None else None)
+    return out
+
+
+class Fake(Format):
+    name, loads = "fake", True
+
+    def check(self, scheme):
+        return None
+
+    def write(self, result, folder):
+        write_fake(result.model, result.tokenizer, result.layers, result.report, folder)
+
+    @classmethod
+    def detect(cls, folder):
+        return os.path.isfile(os.path.join(folder, "quantized_weights.safetensors"))
+
+    @classmethod
+    def load(cls, folder):
+        from lowbit.model import load_model
+
+        return load_model(folder)
+
+    @classmethod
+    def read(cls, folder):
+        model, tokenizer = cls.load(folder)
+        with open(os.path.join(folder, "quantization.json")) as f:
+            report = json.load(f)
+        return QuantizeResult(model, tokenizer, read_fake_layers(folder), report)

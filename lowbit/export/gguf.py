@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.export.base import Format
 
-QTYPES = ("q4_0", "q8_0", "q4_k", "f16", "f32")
 FLOAT_TYPES = ("f32", "f16")
 
 # HF Llama parameter name (after "model.layers.N.") -> GGUF name (after "blk.N.")
@@ -165,6 +167,47 @@ def encode_q4_k(w: np.ndarray) -> np.ndarray:
     qs = (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(nb, 128)
     out = np.concatenate([_fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None]), scales, qs], axis=-1)
     return out.reshape(rows, -1)
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One llama.cpp file type lowbit writes."""
+
+    name: str  # as in --format gguf:NAME
+    ggml: str | None  # the block type of quantized weights (gguf.GGMLQuantizationType); None: float
+    file_type: str  # gguf.LlamaFileType
+    bits: int | None = None  # the bit width a layer must have; None: any
+    group: int | None = None  # groups must be a multiple of this (or per channel); None: any
+    sym: bool | None = None  # the symmetry a layer must have; None: either
+    exact: Callable | None = None  # (codes, scale, group) -> blocks: stores lowbit's codes as they are
+    requantize: Callable | None = None  # weight -> blocks; None: the gguf package's reference quantizer
+    float_type: str | None = None  # float files: the type of every weight
+
+    def check(self, scheme) -> str | None:
+        name = f"gguf:{self.name}"
+        if self.bits is not None and scheme.bits != self.bits:
+            return f"{name} stores {self.bits}-bit weights, the scheme has {scheme.bits} bits"
+        if self.group is not None and scheme.group_size != -1 and scheme.group_size % self.group:
+            return f"{name} needs groups of a multiple of {self.group} (or per channel), the scheme has {scheme.group_size}"
+        if self.sym is not None and scheme.sym != self.sym:
+            return f"{name} is symmetric only; the scheme is asymmetric (use gguf:q4_k)"
+        return None
+
+    def exact_ok(self, q, cols: int) -> bool:
+        """Whether layer q is stored from its codes (symmetric, the type's bits, whole blocks)."""
+        group = cols if q.group_size == -1 else q.group_size
+        return (self.exact is not None and q.bits == self.bits and q.sym and group % 32 == 0 and cols % 32 == 0
+                and bool((q.zero == 2 ** (q.bits - 1)).all()))
+
+
+GGUF_TYPES = {t.name: t for t in (
+    GGUFType("q4_0", "Q4_0", "MOSTLY_Q4_0", bits=4, group=32, sym=True, exact=encode_q4_0_exact),
+    GGUFType("q8_0", "Q8_0", "MOSTLY_Q8_0", bits=8, group=32, sym=True, exact=encode_q8_0_exact),
+    # requantized to llama.cpp's 6-bit sub-block scales: any 4-bit scheme; every weight Q4_K (no Q6_K mix)
+    GGUFType("q4_k", "Q4_K", "MOSTLY_Q4_K_S", bits=4, requantize=encode_q4_k),
+    GGUFType("f16", None, "MOSTLY_F16", float_type="f16"),
+    GGUFType("f32", None, "ALL_F32", float_type="f32"),
+)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,17 +375,29 @@ def _float_array(t: torch.Tensor, float_type: str | None) -> np.ndarray:
     return t.float().numpy().astype(np.float16 if kind == "f16" else np.float32)
 
 
-def _exact_ok(q, qtype: str, cols: int) -> bool:
-    bits = {"q4_0": 4, "q8_0": 8}.get(qtype)
-    group = cols if q.group_size == -1 else q.group_size
-    return (
-        bits is not None
-        and q.bits == bits
-        and q.sym
-        and group % 32 == 0
-        and cols % 32 == 0
-        and bool((q.zero == 2 ** (bits - 1)).all())
-    )
+def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, float_type, gguf):
+    """(data, raw type or None for float, how it was stored) of one parameter."""
+    if p.dim() == 1:  # norms and biases: f32, as llama.cpp expects
+        arr = p.detach().float().cpu().numpy()
+        return (arr[order] if order is not None else arr), None, "f32"
+    if q is not None and tuple(q.codes.shape) != tuple(p.shape):
+        raise LowbitError(f"quantized layer {gname} has shape {tuple(q.codes.shape)}, the model's weight {tuple(p.shape)}")
+    cols = p.shape[1]
+    block = gguf.GGML_QUANT_SIZES[block_type][0] if block_type is not None else None
+    if q is None or cols % block:
+        arr = _float_array(p, float_type)
+        arr = np.ascontiguousarray(arr[order] if order is not None else arr)
+        kind = "f16" if arr.dtype == np.float16 else "f32"
+        return arr, None, kind if q is None else f"{kind} (rows of {cols} not a multiple of {block})"
+    if qtype.exact_ok(q, cols):
+        codes, scale = q.codes.cpu().numpy(), q.scale.detach().float().cpu().numpy()
+        if order is not None:
+            codes, scale = codes[order], scale[order]
+        return qtype.exact(codes, scale, cols if q.group_size == -1 else q.group_size), block_type, f"{qtype.name} exact"
+    wt = q.dequantize(torch.float32).cpu().numpy()
+    wt = np.ascontiguousarray(wt[order] if order is not None else wt)
+    data = qtype.requantize(wt) if qtype.requantize is not None else gguf.quants.quantize(wt, block_type)
+    return data, block_type, f"{qtype.name} requantized"
 
 
 def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *,
@@ -355,23 +410,13 @@ def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *
     float_type ("f32"/"f16") overrides the type of the unquantized 2-D tensors (default: the
     model's dtype). Raises LowbitError for a non-Llama model, an unknown qtype or tokenizer."""
     gguf = _gguf()
-    qtype = str(qtype).lower()
-    if qtype not in QTYPES:
-        raise LowbitError(f"unknown GGUF type {qtype!r} (choose from {', '.join(QTYPES)})")
+    qt = GGUF_TYPES.get(str(qtype).lower())
+    if qt is None:
+        raise LowbitError(f"unknown GGUF type {qtype!r} (choose from {', '.join(GGUF_TYPES)})")
     if float_type is not None and float_type not in FLOAT_TYPES:
         raise LowbitError(f"unknown float type {float_type!r} (choose from {', '.join(FLOAT_TYPES)})")
     cfg, n_head, n_kv, head_dim, *_ = _llama_config(model)
-    Q = gguf.GGMLQuantizationType
-    block_type = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "q4_k": Q.Q4_K}.get(qtype)
-    file_type = {
-        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,  # every quantized weight Q4_K (no Q6_K mix)
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "f32": gguf.LlamaFileType.ALL_F32,
-    }[qtype]
-    ref_float = {"f16": "f16", "f32": "f32"}.get(qtype, float_type)
-
+    block_type = getattr(gguf.GGMLQuantizationType, qt.ggml) if qt.ggml else None
     params = dict(model.named_parameters())
     tied = getattr(cfg, "tie_word_embeddings", False) or (
         "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
@@ -390,46 +435,21 @@ def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *
         gname = gguf_name(pname)
         if gname is None:
             raise LowbitError(f"GGUF export does not know where to put parameter {pname!r}")
-        module = pname.rsplit(".", 1)[0]
         order = None
         if gname.endswith(("attn_q.weight", "attn_q.bias")):
             order = rotary_row_order(p.shape[0], n_head)
         elif gname.endswith(("attn_k.weight", "attn_k.bias")):
             order = rotary_row_order(p.shape[0], n_kv)
-        if p.dim() == 1:  # norms and biases: f32, as llama.cpp expects
-            arr = p.detach().float().cpu().numpy()
-            tensors.append((gname, arr[order] if order is not None else arr, None))
-            summary[gname] = "f32"
-            continue
-        q = layers.get(module) if block_type is not None else None
-        if q is not None and tuple(q.codes.shape) != tuple(p.shape):
-            raise LowbitError(f"quantized layer {module} has shape {tuple(q.codes.shape)}, the model's weight {tuple(p.shape)}")
-        rows, cols = p.shape
-        block = gguf.GGML_QUANT_SIZES[block_type][0] if block_type is not None else None
-        if q is None or cols % block:
-            arr = _float_array(p, ref_float)
-            arr = arr[order] if order is not None else arr
-            tensors.append((gname, np.ascontiguousarray(arr), None))
-            kind = "f16" if arr.dtype == np.float16 else "f32"
-            summary[gname] = kind if q is None else f"{kind} (rows of {cols} not a multiple of {block})"
-            continue
-        if _exact_ok(q, qtype, cols):
-            codes = q.codes.cpu().numpy()
-            scale = q.scale.detach().float().cpu().numpy()
-            if order is not None:
-                codes, scale = codes[order], scale[order]
-            group = cols if q.group_size == -1 else q.group_size
-            enc = encode_q4_0_exact if qtype == "q4_0" else encode_q8_0_exact
-            tensors.append((gname, enc(codes, scale, group), block_type))
-            summary[gname] = f"{qtype} exact"
-        else:
-            wt = q.dequantize(torch.float32).cpu().numpy()
-            wt = np.ascontiguousarray(wt[order] if order is not None else wt)
-            data = encode_q4_k(wt) if qtype == "q4_k" else gguf.quants.quantize(wt, block_type)
-            tensors.append((gname, data, block_type))
-            summary[gname] = f"{qtype} requantized"
+        q = layers.get(pname.rsplit(".", 1)[0]) if block_type is not None else None
+        data, raw, summary[gname] = _tensor(gname, p, q, qt, block_type, order, qt.float_type or float_type, gguf)
+        tensors.append((gname, data, raw))
+    file_type = int(getattr(gguf.LlamaFileType, qt.file_type))
+    _write_file(os.fspath(path), gguf, model, tokenizer, tensors, file_type, name)
+    return summary
 
-    path = os.fspath(path)
+
+def _write_file(path: str, gguf, model, tokenizer, tensors, file_type: int, name: str | None) -> None:
+    """The GGUF file, written to a temporary name and renamed when complete."""
     tmp = path + ".tmp"
     w = gguf.GGUFWriter(tmp, "llama")
     try:
@@ -447,7 +467,6 @@ def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return summary
 
 
 def read_gguf_weights(path: str) -> dict[str, np.ndarray]:
@@ -459,3 +478,23 @@ def read_gguf_weights(path: str) -> dict[str, np.ndarray]:
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         out[t.name] = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
     return out
+
+
+class GGUF(Format):
+    """One llama.cpp file, model-{type}.gguf (Llama architecture only); lowbit does not load it."""
+
+    name = "gguf"
+    options = tuple(GGUF_TYPES)
+    default_option = "q4_0"
+
+    def check(self, scheme):
+        return GGUF_TYPES[self.option].check(scheme)
+
+    def check_model(self, model_type):
+        if model_type is not None and model_type != "llama":
+            return f"GGUF export supports the llama architecture, not {model_type}"
+        return None
+
+    def write(self, result, folder):
+        write_gguf(result.model, result.tokenizer, result.layers, os.path.join(folder, f"model-{self.option}.gguf"),
+                   self.option)

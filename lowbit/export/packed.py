@@ -1,4 +1,4 @@
-"""GPTQ-layout checkpoints: the `auto_round` and `gptq` formats.
+"""GPTQ-layout checkpoints: the `auto_round` and `gptq` formats, written and loaded back.
 
 Both store, per quantized Linear `X`, the tensors X.qweight / X.qzeros / X.scales (lowbit.qdq.pack)
 and differ only in config.json's quantization_config and in the zero-point convention:
@@ -12,20 +12,29 @@ size that does not divide the input size) are written dense in the file's float 
 their dequantized weights, and marked unquantized in the config, so every loader computes the
 same function. Everything else (embeddings, norms, lm_head unless quantized) is float16 (bfloat16
 models stay bfloat16).
+
+Loading builds the model on the meta device and gives each packed layer a QuantLinear, so no
+full-size float weight is ever allocated: memory is the packed tensors plus the float ones.
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import re
 from collections import Counter
 
 import torch
+from torch import nn
 
-from lowbit.qdq.int import QuantizedWeight
-from lowbit.qdq.pack import pack_gptq
-
-PACKED_BITS = (2, 3, 4, 8)
+from lowbit.errors import LowbitError
+from lowbit.export.base import Format
+from lowbit.qdq import n_groups
+from lowbit.qdq.pack import PACKED_BITS, pack_gptq, pack_rows, unpack_gptq
+from lowbit.quantized import QuantizedWeight, QuantizeResult
+from lowbit.runtime.quant_linear import QuantLinear, unpack_words
+from lowbit.schemes import Scheme
 
 
 def dense_reason(q: QuantizedWeight) -> str | None:
@@ -36,6 +45,10 @@ def dense_reason(q: QuantizedWeight) -> str | None:
     if q.group_size > 0 and in_f % q.group_size:
         return f"group size {q.group_size} does not divide {in_f} inputs"
     return None
+
+
+def _setting(q: QuantizedWeight) -> dict:
+    return {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
 
 
 def _common(layers: dict[str, QuantizedWeight]) -> tuple[int, int, bool]:
@@ -49,13 +62,9 @@ def quantization_config(fmt: str, layers: dict[str, QuantizedWeight], blocks_nam
     dense = sorted(n for n in layers if n not in packed)
     bits, group, sym = _common(packed or layers)
     all_sym = all(q.sym for q in packed.values())
+    others = {n: _setting(q) for n, q in packed.items() if (q.bits, q.group_size, q.sym) != (bits, group, sym)}
     if fmt == "auto_round":
-        extra = {}
-        for n, q in packed.items():
-            if (q.bits, q.group_size, q.sym) != (bits, group, sym):
-                extra[n] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
-        for n in dense:
-            extra[n] = {"bits": 16, "data_type": "float"}
+        extra = others | {n: {"bits": 16, "data_type": "float"} for n in dense}
         cfg = {
             "quant_method": "auto-round",
             "packing_format": "auto_round:auto_gptq" if all_sym else "auto_round",
@@ -65,22 +74,15 @@ def quantization_config(fmt: str, layers: dict[str, QuantizedWeight], blocks_nam
         if extra:
             cfg["extra_config"] = extra
         return cfg
-    if fmt == "gptq":
-        dynamic = {}
-        for n, q in packed.items():
-            if (q.bits, q.group_size, q.sym) != (bits, group, sym):
-                dynamic[f"+:^{re.escape(n)}$"] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
-        for n in dense:
-            dynamic[f"-:^{re.escape(n)}$"] = {}
-        cfg = {
-            "quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
-            "desc_act": False, "true_sequential": True, "static_groups": False,
-            "checkpoint_format": "gptq" if all_sym else "gptq_v2",
-        }
-        if dynamic:
-            cfg["dynamic"] = dynamic
-        return cfg
-    raise ValueError(f"not a packed format: {fmt}")
+    dynamic = {f"+:^{re.escape(n)}$": s for n, s in others.items()} | {f"-:^{re.escape(n)}$": {} for n in dense}
+    cfg = {
+        "quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+        "desc_act": False, "true_sequential": True, "static_groups": False,
+        "checkpoint_format": "gptq" if all_sym else "gptq_v2",
+    }
+    if dynamic:
+        cfg["dynamic"] = dynamic
+    return cfg
 
 
 def zero_offset(config: dict) -> int:
@@ -92,10 +94,28 @@ def zero_offset(config: dict) -> int:
     return 0
 
 
+def layer_scheme(config: dict, name: str) -> Scheme | None:
+    """The scheme a checkpoint's config gives layer `name`: its override, else the global one;
+    None for a layer the config keeps in float."""
+    s = {"bits": config["bits"], "group_size": config["group_size"], "sym": config.get("sym", True)}
+    if config.get("quant_method") == "auto-round":
+        extra = config.get("extra_config", {}).get(name, {})
+        if extra.get("bits", s["bits"]) >= 16:
+            return None
+        s |= {k: extra[k] for k in ("bits", "group_size", "sym") if k in extra}
+    else:
+        for pattern, override in config.get("dynamic", {}).items():
+            sign, _, regex = pattern.partition(":") if pattern[:2] in ("+:", "-:") else ("+", "", pattern)
+            if re.match(regex, name):
+                if sign == "-":
+                    return None
+                s |= {k: override[k] for k in ("bits", "group_size", "sym") if k in override}
+                break
+    return Scheme(int(s["bits"]), int(s["group_size"]), bool(s["sym"]))
+
+
 def packed_tensors(name: str, q: QuantizedWeight, offset: int, g_idx: bool) -> dict[str, torch.Tensor]:
-    if offset:
-        q = QuantizedWeight(q.codes, q.scale, q.zero + offset, q.bits, q.group_size, q.sym)
-    t = {f"{name}.{k}": v for k, v in pack_gptq(q).items()}
+    t = {f"{name}.{k}": v for k, v in pack_gptq(q.codes, q.zero + offset, q.scale, q.bits).items()}
     if not g_idx:
         return t
     in_f = q.codes.shape[1]
@@ -116,8 +136,8 @@ def state_dict(model, layers: dict[str, QuantizedWeight], config: dict, dtype: t
             for k, v in sd.items()}
 
 
-def write_packed(result, folder: str, fmt: str) -> None:
-    """Write `result` (a QuantizeResult) as an auto_round or gptq checkpoint into `folder`."""
+def write_packed(result: QuantizeResult, folder: str, fmt: str) -> None:
+    """Write `result` as an auto_round or gptq checkpoint into `folder`."""
     from safetensors.torch import save_file
 
     from lowbit.model import find_blocks
@@ -145,3 +165,169 @@ def write_packed(result, folder: str, fmt: str) -> None:
         result.tokenizer.save_pretrained(folder)
     with open(os.path.join(folder, "quantization.json"), "w") as f:
         json.dump({"format": fmt, **result.report}, f, indent=2, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def checkpoint_config(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = [f for f in files if os.path.basename(f) != "quantized_weights.safetensors"]
+    if not files:
+        raise LowbitError(f"no .safetensors weights in {path}")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
+    z = unpack_words(qzeros, bits, 1) + delta
+    return pack_rows(z.clamp(0, (1 << bits) - 1), bits, dim=1)
+
+
+def _quant_linear(name: str, lin: nn.Linear, tensors: dict, qcfg: dict, dtype) -> QuantLinear:
+    in_f, out_f = lin.in_features, lin.out_features
+    qweight, qzeros, scales = (tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales"))
+    tensors.pop(f"{name}.g_idx", None)
+    declared = layer_scheme(qcfg, name)
+    bits = qweight.shape[0] // math.ceil(in_f / 32)
+    if declared is None or declared.bits != bits or n_groups(in_f, declared.group_size) != scales.shape[0]:
+        raise LowbitError(f"{name}: the packed tensors do not match the scheme the config declares")
+    q = QuantLinear(in_f, out_f, bits, declared.group_size, bias=lin.bias is not None, dtype=dtype, sym=declared.sym)
+    offset = zero_offset(qcfg)
+    q.qweight, q.scales = qweight, scales.to(torch.float16)
+    q.qzeros = _shift_zeros(qzeros, bits, -offset) if offset else qzeros
+    if lin.bias is not None:
+        q.bias = tensors.pop(f"{name}.bias").to(dtype)
+    return q
+
+
+def _materialize_buffers(model) -> None:
+    """Buffers no checkpoint holds (rotary tables, embedding scales) are computed from the config
+    at construction, which ran on the meta device: compute them on the CPU the way transformers does
+    when it loads a model (its _init_weights), leaving the loaded parameters as they are."""
+    for module in model.modules():
+        meta = {n: b for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"}
+        if not meta:
+            continue
+        for n, b in meta.items():
+            fill = float("nan") if b.is_floating_point() else 0
+            setattr(module, n, torch.full(b.shape, fill, dtype=b.dtype))
+        for p in module.parameters(recurse=False):
+            p._is_hf_initialized = True  # transformers' initializers skip what is flagged so
+        model._init_weights(module)
+        for n in meta:
+            b = getattr(module, n)
+            if b.is_floating_point() and torch.isnan(b).any():
+                raise LowbitError(f"cannot compute buffer {type(module).__name__}.{n} of this model without its weights")
+
+
+def load_packed(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) with a QuantLinear for every packed layer of an auto_round/gptq folder."""
+    import transformers
+
+    qcfg = checkpoint_config(path)
+    if not qcfg or qcfg.get("quant_method") not in ("auto-round", "gptq"):
+        raise LowbitError(f"{path} is not an auto_round or gptq checkpoint")
+    if qcfg.get("desc_act"):
+        raise LowbitError(f"{path}: act-order (desc_act) checkpoints are not supported")
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # built as a plain model; the layers are swapped below
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _read_tensors(path)
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _quant_linear(name, model.get_submodule(name), tensors, qcfg, dtype))
+    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight.device.type == "meta":
+            out.weight = inp.weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    _materialize_buffers(model)
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a checkpoint without tokenizer files is still a model
+        pass
+    return model, tokenizer
+
+
+def to_float(model) -> dict[str, QuantizedWeight]:
+    """Swap every QuantLinear back for an nn.Linear holding its dequantized weight; returns the
+    codes of each (for re-export)."""
+    layers = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QuantLinear):
+            continue
+        codes, zero, scale = unpack_gptq(
+            {"qweight": m.qweight, "qzeros": m.qzeros, "scales": m.scales}, m.bits, m.group_size, m.in_features, m.out_features
+        )
+        q = QuantizedWeight(m.scheme, codes, scale, zero)
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=torch.float32)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+        layers[name] = q
+    return layers
+
+
+class _Packed(Format):
+    loads = True
+    quant_method = ""
+
+    def check(self, scheme):
+        if scheme.dtype != "int":
+            return f"format {self.name} stores integer weights, not {scheme.dtype}"
+        if scheme.bits not in PACKED_BITS:
+            return f"format {self.name} has no {scheme.bits}-bit layout; it packs {', '.join(map(str, PACKED_BITS))} bits"
+        return None
+
+    def write(self, result, folder):
+        write_packed(result, folder, self.name)
+
+    @classmethod
+    def detect(cls, folder):
+        cfg = checkpoint_config(folder)
+        return bool(cfg) and cfg.get("quant_method") == cls.quant_method
+
+    @classmethod
+    def load(cls, folder):
+        return load_packed(folder)
+
+    @classmethod
+    def read(cls, folder):
+        model, tokenizer = load_packed(folder)
+        layers = to_float(model)
+        report = {"layers": {n: q.scheme.to_dict() for n, q in layers.items()}, "source": folder}
+        return QuantizeResult(model, tokenizer, layers, report)
+
+
+class AutoRound(_Packed):
+    name, quant_method = "auto_round", "auto-round"
+
+
+class GPTQ(_Packed):
+    name, quant_method = "gptq", "gptq"

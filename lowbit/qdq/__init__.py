@@ -1,28 +1,8 @@
-"""Pure tensor math: quantize-dequantize. Knows nothing about models or files."""
-from lowbit.qdq.int import (
-    QuantizedWeight,
-    fake_quantize,
-    fake_quantize_groups,
-    fake_quantize_tuned,
-    from_groups,
-    group_params,
-    group_range,
-    n_groups,
-    quantize,
-    round_ste,
-    to_groups,
-)
+"""Pure tensor math: the data types (quantize, dequantize, fake-quantize, storage cost), groups,
+bit packing. Knows nothing about models, files or schemes; imports nothing of lowbit but its
+errors."""
+from lowbit.qdq.base import DataType
+from lowbit.qdq.dtypes import DTYPES, get_dtype
+from lowbit.qdq.groups import from_groups, n_groups, round_ste, to_groups
 
-__all__ = [
-    "QuantizedWeight",
-    "fake_quantize",
-    "fake_quantize_groups",
-    "fake_quantize_tuned",
-    "from_groups",
-    "group_params",
-    "group_range",
-    "n_groups",
-    "quantize",
-    "round_ste",
-    "to_groups",
-]
+__all__ = ["DTYPES", "DataType", "get_dtype", "from_groups", "n_groups", "round_ste", "to_groups"]

@@ -1,65 +1,22 @@
-"""Integer quantize-dequantize with groups, tunable rounding and a straight-through estimator.
+"""Integers with a zero point per group: the "int" data type.
 
-Everything here is pure tensor math on a 2-D weight [out_features, in_features]; nothing knows
-about models. Codes are stored unsigned in [0, 2^bits - 1] with a zero point, for both modes:
+Codes are stored unsigned in [0, 2^bits - 1] with a zero point, for both modes:
 
 - asymmetric: scale = (max - min) / (2^b - 1), zero = round(-min / scale).
 - symmetric "full range": the largest-magnitude weight of a group maps to -2^(b-1), so all 2^b
   levels are used; the scale carries the sign that makes this so, and zero = 2^(b-1).
-
-A group that does not fill the last columns (in_features % group_size != 0) is padded by repeating
-its last column, which leaves that group's min and max unchanged, and the padding is cut off again.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
+from lowbit.qdq.base import DataType
+from lowbit.qdq.groups import from_groups, round_ste, to_groups
+
 EPS = 1e-9
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() forward, identity backward (straight-through estimator)."""
-    return x + (x.round() - x).detach()
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    g = in_features if group_size == -1 else group_size
-    return -(-in_features // g)
-
-
-def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[out, in] -> [out, n_groups, g], padding a last partial group by repeating its last column."""
-    out_f, in_f = w.shape
-    g = in_f if group_size == -1 else group_size
-    pad = n_groups(in_f, group_size) * g - in_f
-    if pad:
-        w = torch.cat([w, w[:, -1:].expand(out_f, pad)], dim=1)
-    return w.reshape(out_f, -1, g)
-
-
-def from_groups(wg: torch.Tensor, in_features: int) -> torch.Tensor:
-    """[out, n_groups, g] -> [out, in], dropping padding."""
-    return wg.reshape(wg.shape[0], -1)[:, :in_features]
-
-
-@dataclass
-class QuantizedWeight:
-    """The one intermediate form between tuning and storing: codes, scales, zero points."""
-
-    codes: torch.Tensor  # uint8 [out, in], values in [0, 2^bits - 1]
-    scale: torch.Tensor  # [out, n_groups]
-    zero: torch.Tensor  # [out, n_groups], integer-valued
-    bits: int
-    group_size: int
-    sym: bool
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        in_f = self.codes.shape[1]
-        qg = to_groups(self.codes.to(torch.float32), self.group_size)
-        wg = (qg - self.zero.float().unsqueeze(-1)) * self.scale.float().unsqueeze(-1)
-        return from_groups(wg, in_f).to(dtype)
+SCALE_BITS = 16  # the packed checkpoints store one fp16 scale per group and output row
 
 
 def group_range(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +64,7 @@ def fake_quantize_groups(
     v: torch.Tensor | None = None,
     min_scale: torch.Tensor | None = None,
     max_scale: torch.Tensor | None = None,
+    wrange: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize grouped weights [..., g], differentiable (STE) in wg, v and the factors.
 
@@ -114,7 +72,7 @@ def fake_quantize_groups(
     """
     bits_t = torch.as_tensor(bits, device=wg.device, dtype=wg.dtype)
     maxq = 2**bits_t - 1
-    scale, zero = group_params(wg, bits_t, sym, min_scale, max_scale)
+    scale, zero = group_params(wg, bits_t, sym, min_scale, max_scale, wrange)
     x = wg / scale
     if v is not None:
         x = x + v
@@ -169,12 +127,7 @@ class _RoundTrip(torch.autograd.Function):
         return None, grad_v, grad_scale, None, None, None
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """Round-to-nearest quantize-dequantize of a 2-D weight; returns a tensor shaped like w."""
-    return from_groups(fake_quantize_groups(to_groups(w, group_size), bits, sym), w.shape[1])
-
-
-def quantize(
+def quantize_codes(
     w: torch.Tensor,
     bits: int,
     group_size: int,
@@ -182,8 +135,9 @@ def quantize(
     v: torch.Tensor | None = None,
     min_scale: torch.Tensor | None = None,
     max_scale: torch.Tensor | None = None,
-) -> QuantizedWeight:
-    """Integer codes of w [out, in] (v: [out, in]; factors: [out, n_groups])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 [out, in], scale, zero [out, n_groups]) of w [out, in] (v: [out, in]; factors:
+    [out, n_groups])."""
     w = w.detach().float()
     wg = to_groups(w, group_size)
     ms = min_scale.detach().float().unsqueeze(-1) if min_scale is not None else None
@@ -194,4 +148,46 @@ def quantize(
         x = x + to_groups(v.detach().float(), group_size)
     q = torch.clamp(x.round() + zero, 0, 2**bits - 1)
     codes = from_groups(q, w.shape[1]).to(torch.uint8)
-    return QuantizedWeight(codes, scale.squeeze(-1), zero.squeeze(-1), bits, group_size, sym)
+    return codes, scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    in_f = codes.shape[1]
+    qg = to_groups(codes.to(torch.float32), group_size)
+    wg = (qg - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    return from_groups(wg, in_f).to(dtype)
+
+
+class IntType(DataType):
+    name = "int"
+    has_zero = True
+
+    def check(self, bits, group_size, sym):
+        if not 2 <= bits <= 8:
+            return f"bits must be an integer from 2 to 8, got {bits!r}"
+        return None
+
+    def levels(self, bits):
+        return 2**bits
+
+    def init_range(self, wg):
+        return group_range(wg)
+
+    def fake_quantize(self, wg, bits, sym, v=None, min_scale=None, max_scale=None, wrange=None):
+        return fake_quantize_groups(wg, bits, sym, v, min_scale, max_scale, wrange)
+
+    def fake_quantize_tuned(self, wg, bits, sym, v, min_scale, max_scale, wrange=None, dtype=None):
+        return fake_quantize_tuned(wg, bits, sym, v, min_scale, max_scale, wrange, dtype)
+
+    def quantize(self, w, bits, group_size, sym, v=None, min_scale=None, max_scale=None):
+        return quantize_codes(w, bits, group_size, sym, v, min_scale, max_scale)
+
+    def dequantize(self, codes, scale, zero, group_size, dtype=torch.float32):
+        return dequantize_codes(codes, scale, zero, group_size, dtype)
+
+    def storage_bits(self, out_features, in_features, bits, group_size, sym):
+        # The zero point is counted for symmetric layers too: the GPTQ/auto-round layout (qweight,
+        # scales, qzeros) always stores qzeros. A partial last group costs as much as a full one.
+        groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        return out_features * in_features * bits + out_features * groups * (SCALE_BITS + bits)

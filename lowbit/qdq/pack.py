@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.qdq.int import QuantizedWeight, n_groups
+from lowbit.qdq.groups import n_groups
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+# The bit widths the GPTQ layout packs (and so every writer of it, and QuantLinear, can hold).
+PACKED_BITS = (2, 3, 4, 8)
 _U32 = 1 << 32
 _MASK32 = _U32 - 1
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS}, got {bits}")
 
 
 def _slot_layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +121,9 @@ def unpack_rows(p: torch.Tensor, bits: int, dim: int, size: int) -> torch.Tensor
     return v.to(torch.uint8).movedim(-1, dim)
 
 
-def pack_gptq(q: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """GPTQ-family tensors of one linear layer from a QuantizedWeight.
+def pack_gptq(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """GPTQ-family tensors of one linear layer from its codes (uint8 [out, in]), zero points and
+    scales ([out, n_groups]).
 
     Returns {"qweight", "qzeros", "scales"}:
       qweight: int32 [ceil(in/32) * bits, out]: codes transposed to [in, out], packed along in.
@@ -130,28 +132,27 @@ def pack_gptq(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     in / out not a multiple of 32 are zero-padded before packing (standard GPTQ kernels expect
     multiples of 32, so such a layer only round-trips through `unpack_gptq`, which cuts the padding
     off using the true sizes). Dequantization is w = scales * (code - zero) per group, as in
-    QuantizedWeight.dequantize; no g_idx (act-order) is produced: group of input column j is
+    the int data type; no g_idx (act-order) is produced: group of input column j is
     j // group_size.
 
     Zero convention: the zero point is stored AS IS ("gptq_v2" convention in GPTQModel terms).
     Historically GPTQ v1 checkpoints (AutoGPTQ's pack) stored zero - 1 and kernels added 1 back
     after unpacking; that is not done here, so an exporter targeting v1 readers must subtract 1
     (mod 2^bits) before calling pack_rows itself or declare the v2 format.
-    Symmetric QuantizedWeights carry a signed scale (see lowbit.qdq.int); it is stored signed.
+    Symmetric int weights carry a signed scale (see lowbit.qdq.int); it is stored signed.
     """
-    out_f, in_f = q.codes.shape
-    codes = pad_to(q.codes.t(), 32, dim=0)
-    qweight = pack_rows(codes, q.bits, dim=0)
+    codes = pad_to(codes.t(), 32, dim=0)
+    qweight = pack_rows(codes, bits, dim=0)
 
-    zero = q.zero.detach()
+    zero = zero.detach()
     if zero.dtype.is_floating_point:
         if not torch.equal(zero, zero.round()):
             raise ValueError("zero points must be integer-valued")
         zero = zero.round()
     zero = zero.to(torch.int64).t()  # [n_groups, out]
-    qzeros = pack_rows(pad_to(zero, 32, dim=1), q.bits, dim=1)
+    qzeros = pack_rows(pad_to(zero, 32, dim=1), bits, dim=1)
 
-    scales = q.scale.detach().t().to(torch.float16).contiguous()
+    scales = scale.detach().t().to(torch.float16).contiguous()
     if not torch.isfinite(scales).all():
         raise ValueError("scales overflow float16")
     return {"qweight": qweight.contiguous(), "qzeros": qzeros.contiguous(), "scales": scales}
@@ -167,7 +168,7 @@ def unpack_gptq(
     """Inverse of `pack_gptq`: (codes uint8 [out, in], zero float32 [out, n_groups],
     scale float32 [out, n_groups]).
 
-    zero is returned as integer-valued float32, the dtype QuantizedWeight.zero has after quantize(),
+    zero is returned as integer-valued float32, the dtype the int type's zero points have,
     and as stored (no +1: see the zero convention in `pack_gptq`). Shapes are checked against the
     given sizes; ValueError on a mismatch.
     """

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lowbit.qdq.int import QuantizedWeight
 from lowbit.qdq.pack import pack_gptq, unpack_rows
+from lowbit.quantized import QuantizedWeight
+from lowbit.schemes import Scheme
 
 
 def unpack_words(p: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -38,9 +38,11 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: bool = True, dtype: torch.dtype = torch.float32, device=None):
+                 bias: bool = True, dtype: torch.dtype = torch.float32, device=None, sym: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        # as the checkpoint's config declares it (the kernels do not need it; re-export does)
+        self.scheme = Scheme(bits, group_size, sym)
         self.group_size = group_size if group_size > 0 else in_features
         ng = math.ceil(in_features / self.group_size)
         kw = {"device": device}
@@ -52,8 +54,8 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None = None, dtype=torch.float32) -> "QuantLinear":
         out_f, in_f = q.codes.shape
-        layer = cls(in_f, out_f, q.bits, q.group_size, bias is not None, dtype)
-        for k, v in pack_gptq(q).items():
+        layer = cls(in_f, out_f, q.bits, q.group_size, bias is not None, dtype, sym=q.sym)
+        for k, v in pack_gptq(q.codes, q.zero, q.scale, q.bits).items():
             getattr(layer, k).copy_(v)
         if bias is not None:
             layer.bias.copy_(bias.detach())
@@ -82,4 +84,5 @@ class QuantLinear(nn.Module):
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, sym={self.scheme.sym}")

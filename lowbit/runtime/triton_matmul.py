@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from lowbit.qdq.pack import PACKED_BITS
+
 try:
     import triton
     import triton.language as tl
@@ -76,7 +78,9 @@ if triton is not None:
 
 
 def supports(layer) -> bool:
-    return layer.bits in (2, 4, 8) and layer.out_features % 32 == 0 and layer.group_size % 32 == 0 and layer.in_features % 32 == 0
+    # widths whose values never straddle a 32-bit word (not 3)
+    word_aligned = layer.bits in PACKED_BITS and 32 % layer.bits == 0
+    return word_aligned and layer.out_features % 32 == 0 and layer.group_size % 32 == 0 and layer.in_features % 32 == 0
 
 
 def quant_matmul(x: torch.Tensor, layer) -> torch.Tensor:

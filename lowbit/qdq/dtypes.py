@@ -1,0 +1,16 @@
+"""The registry of data types: name -> the one object that knows that type (base.py). Adding a
+type is one new module in this folder plus its line here."""
+from __future__ import annotations
+
+from lowbit.errors import LowbitError
+from lowbit.qdq.base import DataType
+from lowbit.qdq.int import IntType
+
+DTYPES: dict[str, DataType] = {t.name: t for t in (IntType(),)}
+
+
+def get_dtype(name: str) -> DataType:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LowbitError(f"data type {name!r} is not supported (have: {', '.join(DTYPES)})") from None
