@@ -97,12 +97,12 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
 
     from lowbit.calib import calibration_windows, tokenize, windows_hash
     from lowbit.eval import perplexity
-    from lowbit.model import load_model, weight_modules
+    from lowbit.model import load_model, weight_params
 
     torch.manual_seed(seed)
     folder, group, _, evaluation, eval_windows = MODELS[model_name]
     model, tok = load_model(os.path.join(ASSETS, folder))
-    before = {n: m.weight.detach().clone() for n, m in weight_modules(model).items()}
+    before = {n: p.detach().clone() for n, p in weight_params(model).items()}
     row = {"setting": setting_name(model_name, bits, iters) if tool != "fp32" else f"{model_name}-fp32",
            "model": model_name, "tool": tool, "bits": bits, "group_size": group, "sym": True,
            "iters": iters, "nsamples": nsamples, "seqlen": SEQLEN, "batch_size": BATCH, "seed": seed,
@@ -118,7 +118,7 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
             quant_s, extra = _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool)
         row.update(extra)
     row["peak_rss_quant_mb"] = rss_mb()
-    changed = {n for n, w in before.items() if not torch.equal(w, weight_modules(model)[n].weight.detach().float())}
+    changed = {n for n, w in before.items() if not torch.equal(w, weight_params(model)[n].detach().float())}
     row["unquantized"] = sorted(set(before) - changed)
     model.float()
     ev = perplexity(model, tokens=tokenize(tok, text_slice(evaluation)), seqlen=SEQLEN, max_windows=eval_windows)

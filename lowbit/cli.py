@@ -161,10 +161,11 @@ def cmd_quantize(args) -> None:
         result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
                                  "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
     out = export(result, args.out, formats, overwrite=args.overwrite)
-    n_q, n_u = len(result.layers), len(result.report["unquantized"])
+    n_q, left = len(result.layers), result.report["unquantized"]
     target = "the plan's schemes" if plan is not None else scheme.name
     print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
-          f"left in full precision: {', '.join(result.report['unquantized']) or 'none'} ({n_u})")
+          f"left in full precision: {', '.join(left) or 'none'} "
+          f"({len(left)} tensors, {result.report['unquantized_share']:.1%} of the weights)")
     if args.text:
         print(f"perplexity on {args.text}: original {before['ppl']:.4f}, quantized {after['ppl']:.4f}")
     print(f"wrote {out}")

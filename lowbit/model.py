@@ -63,14 +63,11 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
-def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module that owns a 2-D weight (Linear, Embedding, Conv1D...): what could be quantized."""
-    out = {}
-    for name, m in model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            out[name] = m
-    return out
+def weight_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight that could be quantized: each floating-point parameter of 2 or more dimensions
+    (Linear and Embedding weights, fused 3-D expert weights, routers), by parameter name; a tied
+    parameter once."""
+    return {n: p for n, p in model.named_parameters() if p.is_floating_point() and p.dim() >= 2}
 
 
 def find_lm_head(model: nn.Module) -> tuple[str, nn.Linear] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -37,7 +38,7 @@ from lowbit.model import (
     find_lm_head,
     load_model,
     run_block,
-    weight_modules,
+    weight_params,
 )
 from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
 from lowbit.schemes import Scheme, get_scheme
@@ -147,6 +148,7 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
     }
     run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers,
               layer_schemes(names, scheme, overrides), report)
+    _warn_skipped(run)
     if algo.needs_data:
         _capture(run, dataset, nsamples, seqlen)
     # The full-precision targets and the next block's inputs are computed under the autocast the
@@ -194,22 +196,61 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
             targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
         data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
     result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
-    with torch.no_grad():
-        for n, (lin, _) in layers.items():
-            lin.weight.copy_(result.weights[n].dequantize(lin.weight.dtype))
-            run.quantized[f"{run.blocks_name}.{i}.{n}"] = result.weights[n]
-    calib_loss = None
-    if algo.needs_data and i + 1 < len(run.blocks):  # the last block's outputs feed nothing
-        with attention_context(run.fwd_dtype, device, block):
-            run.q_in = run_block(block, run.q_in, run.kwargs[i], batch, run.fwd_dtype)
-        calib_loss = _mse(run.q_in, targets, batch)
-        run.fp_in = targets
+    with attention_context(run.fwd_dtype, device, block):
+        weights, losses = _settle(run, i, layers, result, targets)
+    for n, q in weights.items():
+        run.quantized[f"{run.blocks_name}.{i}.{n}"] = q
     block.to(home)
-    # loss_calib: the quantized block's loss on every calibration window (the tuning loss, not
-    # one minibatch's), free from the outputs the next block needs anyway.
-    stats = {"index": i, **result.stats, "loss_calib": calib_loss, "seconds": time.perf_counter() - t0}
+    stats = {"index": i, **result.stats, **losses, "seconds": time.perf_counter() - t0}
     run.report["blocks"].append(stats)
-    return result.weights, stats
+    return weights, stats
+
+
+def _settle(run: Run, i: int, layers, result, targets) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Write the block's weights into the model and compute the next block's inputs. Where the
+    algorithm tuned from a start, the start is kept if the tuned weights end with a higher loss on
+    all the calibration windows: a block never ends worse than where its tuning began.
+
+    Stats: loss_calib, the kept weights' loss on every calibration window (the tuning loss, not one
+    minibatch's), from the outputs the next block needs anyway; loss_start, the start's."""
+    stats = {"loss_calib": None}
+    if not run.algo.needs_data:
+        _write(layers, result.weights)
+        return result.weights, stats
+    block, x, kwargs, batch, dtype = run.blocks[i], run.q_in, run.kwargs[i], run.algo.block_batch_size, run.fwd_dtype
+    last = i + 1 == len(run.blocks)  # its outputs feed nothing
+    if result.start is not None:
+        _write(layers, result.start)
+        stats["loss_start"] = _loss(block, x, kwargs, batch, dtype, targets)
+    weights, outputs = result.weights, None
+    _write(layers, weights)
+    if not last or result.start is not None:
+        outputs = run_block(block, x, kwargs, batch, dtype)
+        stats["loss_calib"] = _mse(outputs, targets, batch)
+    if result.start is not None:
+        stats["kept_start"] = stats["loss_calib"] > stats["loss_start"]
+        if stats["kept_start"]:
+            weights, stats["loss_calib"] = result.start, stats["loss_start"]
+            _write(layers, weights)
+            outputs = None if last else run_block(block, x, kwargs, batch, dtype)
+    if not last:
+        run.q_in, run.fp_in = outputs, targets
+    return weights, stats
+
+
+@torch.no_grad()
+def _write(layers, weights: dict[str, QuantizedWeight]) -> None:
+    for n, (lin, _) in layers.items():
+        lin.weight.copy_(weights[n].dequantize(lin.weight.dtype))
+
+
+@torch.no_grad()
+def _loss(block, x, kwargs, batch, dtype, targets) -> float:
+    """The block's mean squared error on x against the targets, a batch at a time, keeping no
+    outputs (as _mse computes it from kept ones)."""
+    total = sum((run_block(block, x[j : j + batch], kwargs, batch, dtype).float() - targets[j : j + batch].float())
+                .pow(2).sum().item() for j in range(0, len(x), batch))
+    return total / targets.numel()
 
 
 def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
@@ -218,9 +259,33 @@ def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
         run.quantized.update(_quantize_lm_head(run.model, run.scheme))
     report = run.report
     report["layers"] = {n: q.scheme.to_dict() for n, q in run.quantized.items()}
-    report["unquantized"] = sorted(n for n in weight_modules(run.model) if n not in run.quantized)
+    left = unquantized(run.model, run.quantized)
+    report["unquantized"] = sorted(left)
+    report["unquantized_share"] = sum(left.values()) / max(sum(p.numel() for p in weight_params(run.model).values()), 1)
+    report["blocks_kept_start"] = [b["index"] for b in report["blocks"] if b.get("kept_start")]
     report["seconds"] = time.perf_counter() - run.t_start
     return QuantizeResult(run.model, run.tokenizer, run.quantized, report)
+
+
+def unquantized(model: nn.Module, quantized: dict) -> dict[str, int]:
+    """{parameter name: number of weights} of every weight left in full precision."""
+    done = {n + ".weight" for n in quantized}
+    return {n: p.numel() for n, p in weight_params(model).items() if n not in done}
+
+
+def _warn_skipped(run: Run) -> None:
+    """Say before the work starts which weights inside the blocks no algorithm will touch (weights
+    that are not Linear layers: fused 3-D experts, routers), with their share of all weights."""
+    linear = {f"{run.blocks_name}.{i}.{n}" for i, ls in enumerate(run.block_layers) for n in ls}
+    params = weight_params(run.model)
+    inside = {n: p.numel() for n, p in params.items()
+              if n.startswith(run.blocks_name + ".") and n.rsplit(".", 1)[0] not in linear}
+    run.report["skipped_in_blocks"] = sorted(inside)
+    if inside:
+        share = sum(inside.values()) / sum(p.numel() for p in params.values())
+        names = sorted({n.split(".", len(run.blocks_name.split(".")) + 1)[-1] for n in inside})
+        warnings.warn(f"lowbit: {len(inside)} weight tensors inside the blocks are not Linear layers and stay in full "
+                      f"precision ({share:.1%} of the weights): {', '.join(names)}", stacklevel=3)
 
 
 def _show_progress(bar, stats: dict, n_blocks: int) -> None:
@@ -228,6 +293,8 @@ def _show_progress(bar, stats: dict, n_blocks: int) -> None:
     msg = f"block {stats['index'] + 1}/{n_blocks}: {stats['seconds']:.1f}s"
     if loss is not None:
         msg += f", loss {stats.get('loss_first'):.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
+    if stats.get("kept_start"):
+        msg += " (tuning ended above its start: kept the start)"
     bar.write(msg, file=sys.stderr)
     bar.set_postfix(loss=f"{loss:.3g}" if loss is not None else "-", s=f"{stats['seconds']:.1f}")
 

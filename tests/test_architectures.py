@@ -94,12 +94,13 @@ def test_every_block_linear_quantized_in_place(quantized):
     # Everything outside the blocks (embeddings, lm_head) is untouched and reported as such.
     unquantized = set(r.result.report["unquantized"])
     assert not any(n.startswith(r.arch.blocks + ".") for n in unquantized)
-    for name, m in r.model.named_modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2 and not name.startswith(r.arch.blocks + "."):
+    assert r.result.report["skipped_in_blocks"] == []
+    for name, p in r.model.named_parameters():
+        if p.dim() >= 2 and not name.startswith(r.arch.blocks + "."):
             assert name in unquantized
-            assert torch.equal(w.detach(), r.original[name + ".weight"]), name
+            assert torch.equal(p.detach(), r.original[name]), name
     assert any("embed" in n for n in unquantized)
+    assert 0 < r.result.report["unquantized_share"] < 1
     assert set(r.result.report["layers"]) == set(linears)
 
 
@@ -252,3 +253,28 @@ def test_packed_export_round_trip(quantized, fmt, tmp_path):
     got = logits(model, r.eval_ids)
     rel = ((got - r.q_logits).norm() / r.q_logits.norm()).item()
     assert rel < 2e-3, f"{r.arch.name}: relative logit difference {rel:.2e}"  # float16 storage
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, head_dim=8,
+        max_position_embeddings=64, **IDS),
+    lambda: transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, **IDS),
+], ids=["qwen3_moe", "mixtral"])
+def test_weights_outside_linear_layers_are_reported(make_config):
+    """Fused 3-D expert weights are not Linear layers: nothing quantizes them yet, and that is
+    said before the work starts and in the report, by parameter and share of the weights, never
+    silently."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
+    with pytest.warns(UserWarning, match=r"not Linear layers and stay in full precision \((\d+\.\d)% of the weights\)"):
+        r = lowbit.quantize(model, "W4A16G32", "rtn", progress=False)
+    skipped = r.report["skipped_in_blocks"]
+    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert experts and set(experts) <= set(skipped) <= set(r.report["unquantized"])
+    share = sum(p.numel() for n, p in model.named_parameters() if n in set(r.report["unquantized"]))
+    assert r.report["unquantized_share"] == pytest.approx(share / sum(
+        p.numel() for p in model.parameters() if p.dim() >= 2))

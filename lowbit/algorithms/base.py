@@ -33,6 +33,10 @@ class BlockData:
 class BlockResult:
     weights: dict[str, QuantizedWeight]
     stats: dict = field(default_factory=dict)
+    # The weights tuning started from (round to nearest, or the pre-tuning scale search), when an
+    # algorithm tunes: the pipeline keeps them instead if the tuned weights end with a higher loss
+    # on all the calibration windows. None: nothing to compare with.
+    start: dict[str, QuantizedWeight] | None = None
 
 
 # name inside the block -> (the Linear, its scheme)

@@ -345,7 +345,8 @@ class _Tuner:
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0,
                     run: dict | None = None) -> BlockResult:
     t0 = time.perf_counter()
-    buckets = _buckets(cfg, layers, _prescale(cfg, layers, data.stats.get("input_energy")))
+    init = _prescale(cfg, layers, data.stats.get("input_energy"))
+    buckets = _buckets(cfg, layers, init)
     params = [p for b in buckets for p in b.params(cfg.tune_minmax)]
     dtype = next(iter(layers.values()))[0].weight.dtype
     tuner = _Tuner(cfg, block, buckets, data, dtype, seed, run if run is not None else {})
@@ -376,4 +377,8 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         "seconds": seconds,
         "seconds_per_iter": seconds / cfg.iters if cfg.iters else 0.0,
     }
-    return BlockResult(weights, stats)
+    start = None
+    if cfg.iters:
+        start = {name: quantize_weight(lin.weight, s, min_scale=init.get(name), max_scale=init.get(name))
+                 for name, (lin, s) in layers.items()}
+    return BlockResult(weights, stats, start)
