@@ -9,6 +9,8 @@ import sys
 from lowbit.api import context_length
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
 from lowbit.errors import LowbitError
+from lowbit.export import check_formats, parse_formats
+from lowbit.job import NotStreamable
 
 
 def _add_eval_args(p, text_flag: str, required: bool = False):
@@ -34,6 +36,20 @@ def _add_alloc_args(p, required: bool = False):
 
 FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, gguf:q4_0|q8_0|q4_k|f16|f32; "
                "several at once, comma-separated, go to one subfolder each")
+
+
+def _size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive: {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dataset", default=None, help="calibration text: .txt, .jsonl, .parquet, or a datasets name")
     q.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--restart", action="store_true",
+                   help="discard the partial output of an interrupted run (OUT.partial) instead of resuming it")
+    q.add_argument("--max-shard-size", type=_size, default="5GB", help="largest weight file (default 5GB)")
     q.add_argument("--format", default="fake", help=FORMAT_HELP)
     q.add_argument("--quantize-lm-head", action="store_true", help="also round lm_head (kept in full precision by default)")
     q.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -103,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_quantize(args) -> None:
     import lowbit
     from lowbit.allocate.plan import parse_options
-    from lowbit.export import check_formats, export, parse_formats
     from lowbit.export.fake import check_out_dir
-    from lowbit.model import load_model
     from lowbit.pipeline import PRESETS
 
     # Everything that can be checked is checked before any work starts.
@@ -133,21 +150,67 @@ def cmd_quantize(args) -> None:
         planned += list(parse_options(args.options).values())
     check_formats(formats, planned)
 
+    if args.target_bits is None and not args.quantize_lm_head:
+        try:
+            return _quantize_streamed(args, scheme, algo, nsamples, plan, formats)
+        except NotStreamable as e:
+            _say(args, f"{e}: loading the whole model instead")
+    _quantize_in_memory(args, scheme, algo, nsamples, plan, formats)
+
+
+def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None:
+    """The checkpoint streamed block by block into the output (resumable); the perplexities
+    are measured on the original and on the written model."""
+    from lowbit.api import load
+    from lowbit.job import open_checkpoint, quantize_folder
+    from lowbit.model import load_model
+
+    readable = [f for f in formats if f.loads]
+    if args.text and not readable:
+        raise NotStreamable("--eval-text with no format lowbit loads back")
+    _, (skeleton, _) = open_checkpoint(args.model)
+    check_formats(formats, [], skeleton.config.model_type)
+    seqlen = _seqlen(args, skeleton)
+    overrides = _plan_overrides(args, plan, skeleton)
+    before = None
+    if args.text:
+        model, tokenizer = load_model(args.model)
+        before = _eval(model, tokenizer, args)
+        del model
+    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)}), block by block")
+    result, out = quantize_folder(
+        args.model, args.out, formats, scheme, algo, args.dataset, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
+        overrides=overrides, device=args.device, progress=not args.quiet, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, restart=args.restart, report={"plan": plan} if plan is not None else None)
+    after = None
+    if args.text:
+        folder = out if len(formats) == 1 else os.path.join(out, readable[0].tag)
+        model, tokenizer = load(folder)
+        after = _eval(model, tokenizer, args)
+        result.report["eval"] = _eval_entry(args, before, after, model)
+        for f in formats:  # the report each format holds gets the perplexities too
+            path = os.path.join(out if len(formats) == 1 else os.path.join(out, f.tag), "quantization.json")
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    report = json.load(fh)
+                report["eval"] = result.report["eval"]
+                with open(path, "w") as fh:
+                    json.dump(report, fh, indent=2, default=str)
+    _summary(args, result, scheme, plan, before, after, out)
+
+
+def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> None:
+    import lowbit
+    from lowbit.export import export
+    from lowbit.model import load_model
+
     model, tokenizer = load_model(args.model)
     check_formats(formats, [], model.config.model_type)
-    seqlen = min(args.seqlen, context_length(model))
-    if seqlen != args.seqlen:
-        _say(args, f"seqlen capped at the model's context: {seqlen}")
+    seqlen = _seqlen(args, model)
     before = _eval(model, tokenizer, args) if args.text else None
     if args.target_bits is not None:
         plan = _make_plan(model, tokenizer, args, min(nsamples, 16), seqlen)
-    overrides = None
-    if plan is not None:
-        overrides = plan_schemes(plan)
-        unknown = sorted(set(overrides) - set(block_layers(model)))
-        if unknown:
-            raise LowbitError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
-        _say(args, f"plan: {plan.get('achieved_bits', float('nan')):.3f} average bits over {len(overrides)} layers")
+    overrides = _plan_overrides(args, plan, model)
     _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)})")
     result = lowbit.quantize(
         model, scheme, algo, args.dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
@@ -156,12 +219,39 @@ def cmd_quantize(args) -> None:
     )
     if plan is not None:
         result.report["plan"] = plan
+    after = None
     if args.text:
         after = _eval(model, tokenizer, args)
-        result.report["eval"] = {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
-                                 "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
-    out = export(result, args.out, formats, overwrite=args.overwrite)
-    n_q, left = len(result.layers), result.report["unquantized"]
+        result.report["eval"] = _eval_entry(args, before, after, model)
+    out = export(result, args.out, formats, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _summary(args, result, scheme, plan, before, after, out)
+
+
+def _seqlen(args, model) -> int:
+    seqlen = min(args.seqlen, context_length(model))
+    if seqlen != args.seqlen:
+        _say(args, f"seqlen capped at the model's context: {seqlen}")
+    return seqlen
+
+
+def _plan_overrides(args, plan, model):
+    if plan is None:
+        return None
+    overrides = plan_schemes(plan)
+    unknown = sorted(set(overrides) - set(block_layers(model)))
+    if unknown:
+        raise LowbitError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}")
+    _say(args, f"plan: {plan.get('achieved_bits', float('nan')):.3f} average bits over {len(overrides)} layers")
+    return overrides
+
+
+def _eval_entry(args, before, after, model) -> dict:
+    return {"text": args.text, "ppl_original": before["ppl"], "ppl_quantized": after["ppl"],
+            "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
+
+
+def _summary(args, result, scheme, plan, before, after, out) -> None:
+    n_q, left = len(result.report["layers"]), result.report["unquantized"]
     target = "the plan's schemes" if plan is not None else scheme.name
     print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
           f"left in full precision: {', '.join(left) or 'none'} "

@@ -10,12 +10,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.experts import checkpoint_name, split_experts
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a local Hugging Face folder, offline."""
-    import transformers
-
+def _check_folder(path: str) -> None:
     if not os.path.isdir(path):
         raise LowbitError(f"model folder not found: {path}")
     cfg_file = os.path.join(path, "config.json")
@@ -26,6 +24,13 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
             json.load(f)
     except (OSError, ValueError) as e:
         raise LowbitError(f"corrupt config.json in {path}: {e}") from None
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face folder, offline."""
+    import transformers
+
+    _check_folder(path)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True
@@ -35,13 +40,121 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LowbitError(f"cannot load model from {path}: {msg}") from None
     model.eval()
+    split_experts(model)
     check_finite(model)
+    model.source_dtype = source_dtype(path)  # what writers store float tensors in
     return model, tokenizer
+
+
+def source_dtype(path: str) -> torch.dtype:
+    """The dtype a folder's checkpoint stores its float weights in (float32 when unknown)."""
+    from lowbit.checkpoint import Checkpoint
+
+    try:
+        return Checkpoint(path).float_dtype()
+    except LowbitError:
+        return torch.float32
+
+
+def load_skeleton(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a local folder with every weight on the meta device (no memory):
+    the structure to stream the weights into, a block at a time (load_weights, release)."""
+    import transformers
+
+    _check_folder(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a broken folder
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowbitError(f"cannot load model from {path}: {msg}") from None
+    split_experts(model)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):  # as from_pretrained reads it
+        model.generation_config = transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
+    model.eval()
+    materialize_buffers(model)
+    return model, tokenizer
+
+
+def stored_names(model: nn.Module) -> list[str]:
+    """The model's state a checkpoint stores: its state dict, less an output embedding tied to
+    the input one (model names; ckpt_name gives each one's name in the checkpoint)."""
+    names = list(model.state_dict())
+    if getattr(model.config, "tie_word_embeddings", False):
+        found = find_lm_head(model)
+        if found is not None:
+            names.remove(found[0] + ".weight")
+    return names
+
+
+def ckpt_name(model: nn.Module, name: str) -> str:
+    """The name model tensor `name` has in checkpoints of the model's type (they differ for the
+    experts of some MoE models: lowbit.experts)."""
+    return checkpoint_name(getattr(model.config, "model_type", None), name)
+
+
+@torch.no_grad()
+def load_weights(module: nn.Module, prefix: str, ckpt, dtype: torch.dtype = torch.float32, rename=None) -> None:
+    """Give `module` (on the meta device) its tensors from checkpoint `ckpt` (names prefix +
+    name, through rename), floating-point ones in dtype; non-finite values are refused."""
+    state = {}
+    for name in module.state_dict():
+        t = ckpt.get(rename(prefix + name) if rename else prefix + name)
+        if t.is_floating_point():
+            t = t.to(dtype)
+            if not torch.isfinite(t).all():
+                raise LowbitError(f"weight {prefix + name} contains NaN or Inf")
+        state[name] = t
+    module.load_state_dict(state, assign=True)
+
+
+def release(module: nn.Module) -> None:
+    """Free a module's weights (back to the meta device)."""
+    module.to("meta")
+
+
+def materialize_buffers(model: nn.Module) -> None:
+    """Buffers no checkpoint holds (rotary tables, embedding scales) are computed from the config
+    at construction, which ran on the meta device: compute them on the CPU the way transformers does
+    when it loads a model (its _init_weights), leaving the parameters as they are."""
+    for module in model.modules():
+        meta = {n: b for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"}
+        persistent = set(module.state_dict(keep_vars=True)) if meta else set()
+        meta = {n: b for n, b in meta.items() if n not in persistent}
+        if not meta:
+            continue
+        for n, b in meta.items():
+            fill = float("nan") if b.is_floating_point() else 0
+            setattr(module, n, torch.full(b.shape, fill, dtype=b.dtype))
+        for p in module.parameters(recurse=False):
+            p._is_hf_initialized = True  # transformers' initializers skip what is flagged so
+        model._init_weights(module)
+        for n in meta:
+            b = getattr(module, n)
+            if b.is_floating_point() and torch.isnan(b).any():
+                raise LowbitError(f"cannot compute buffer {type(module).__name__}.{n} of this model without its weights")
+
+
+def stream_order(names: list[str], blocks_name: str, n_blocks: int) -> tuple[list[str], list[list[str]], list[str]]:
+    """Split tensor names (in state-dict order) into those written before the blocks, each
+    block's, and the rest: the one order every writer gets them in, streamed or not."""
+    prefix = blocks_name + "."
+    before, blocks, after = [], [[] for _ in range(n_blocks)], []
+    for name in names:
+        if name.startswith(prefix):
+            blocks[int(name[len(prefix):].split(".", 1)[0])].append(name)
+        elif any(blocks):
+            after.append(name)
+        else:
+            before.append(name)
+    return before, blocks, after
 
 
 def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
             raise LowbitError(f"weight {name} contains NaN or Inf")
 
 

@@ -29,6 +29,7 @@ from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.stats import COLLECTORS
 from lowbit.calib import calibration_windows, windows_hash
 from lowbit.errors import LowbitError
+from lowbit.experts import split_experts
 from lowbit.model import (
     blocks_detached,
     capture_block_inputs,
@@ -42,6 +43,11 @@ from lowbit.model import (
 )
 from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
 from lowbit.schemes import Scheme, get_scheme
+
+# An expert that sees fewer calibration tokens than this keeps the weights tuning started from
+# (the activation-weighted range search, or round to nearest): too little data to tune on.
+MIN_EXPERT_TOKENS = 32
+_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 
 # Named settings bundles: (algorithm settings, pipeline settings).
 PRESETS = {
@@ -71,7 +77,9 @@ class Run:
     fp_in: torch.Tensor | None = None  # the next block's full-precision inputs
     kwargs: list[dict] | None = None  # each block's keyword arguments
     fwd_dtype: torch.dtype | None = None  # the autocast the algorithm tunes in
-    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # a streamed run drops them once written
+    done: dict[str, Scheme] = field(default_factory=dict)  # every layer quantized so far
+    dtype: torch.dtype | None = None  # the original's float dtype (what writers store floats in)
     scratch: dict = field(default_factory=dict)  # the algorithm's, kept between blocks (Algorithm.quantize_block)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -112,16 +120,28 @@ def quantize(
     `on_block(index, weights, stats)` is called after each block, its weights already in place."""
     run = prepare(model, scheme, algorithm, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
                   seed=seed, overrides=overrides, device=device)
+    run_blocks(run, progress=progress, on_block=on_block)
+    return finish(run, lm_head)
+
+
+def run_blocks(run: Run, start: int = 0, *, progress: bool = True,
+               before_block: Callable[[int], None] | None = None,
+               on_block: Callable[[int, dict[str, QuantizedWeight], dict], None] | None = None) -> None:
+    """quantize_block for blocks start.. in order, with a progress line per block;
+    before_block(i) runs before block i (a streamed run loads its weights there)."""
+    n = len(run.blocks)
     # The bar only on a terminal; the per-block lines always (logs and CI read them).
-    bar = tqdm(range(len(run.blocks)), desc="blocks", disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+    bar = tqdm(range(start, n), desc="blocks", initial=start, total=n,
+               disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
     for i in bar:
+        if before_block is not None:
+            before_block(i)
         weights, stats = quantize_block(run, i)
         if progress:
-            _show_progress(bar, stats, len(run.blocks))
+            _show_progress(bar, stats, n)
         if on_block is not None:
             on_block(i, weights, stats)
     bar.close()
-    return finish(run, lm_head)
 
 
 def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", dataset=None, *, tokenizer=None,
@@ -135,7 +155,9 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model, tokenizer = load_model(str(model))
     else:
+        split_experts(model)
         check_finite(model)
+    dtype = getattr(model, "source_dtype", None) or next(model.parameters()).dtype
     device = torch.device(device) if device is not None else torch.device("cpu")
     blocks_name, blocks = find_blocks(model)
     block_layers = [find_linears(b) for b in blocks]
@@ -147,7 +169,7 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
         "blocks": [],
     }
     run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers,
-              layer_schemes(names, scheme, overrides), report)
+              layer_schemes(names, scheme, overrides), report, dtype=dtype)
     _warn_skipped(run)
     if algo.needs_data:
         _capture(run, dataset, nsamples, seqlen)
@@ -189,21 +211,36 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
     layers = {n: (lin, run.schemes[f"{run.blocks_name}.{i}.{n}"]) for n, lin in run.block_layers[i].items()}
     batch = algo.block_batch_size
     data = targets = None
+    experts = [n for n in layers if _EXPERT.search(n)]
     if algo.needs_data:
-        wanted = algo.statistics([s for _, s in layers.values()])
-        collectors = {name: COLLECTORS[name](run.block_layers[i]) for name in wanted}
+        wanted = set(algo.statistics([s for _, s in layers.values()])) | ({"tokens"} if experts else set())
+        collectors = {name: COLLECTORS[name](run.block_layers[i]) for name in sorted(wanted)}
         with attention_context(run.fwd_dtype, device, block):
             targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
         data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
     result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
+    if experts and data is not None:
+        _few_tokens(result, experts, data.stats["tokens"])
     with attention_context(run.fwd_dtype, device, block):
         weights, losses = _settle(run, i, layers, result, targets)
     for n, q in weights.items():
         run.quantized[f"{run.blocks_name}.{i}.{n}"] = q
+        run.done[f"{run.blocks_name}.{i}.{n}"] = q.scheme
     block.to(home)
     stats = {"index": i, **result.stats, **losses, "seconds": time.perf_counter() - t0}
     run.report["blocks"].append(stats)
     return weights, stats
+
+
+def _few_tokens(result, experts: list[str], tokens: dict[str, int]) -> None:
+    """Experts routed fewer than MIN_EXPERT_TOKENS calibration tokens keep their start weights;
+    the block's stats name them (experts_few_tokens) with the count of tokens each saw."""
+    few = {n: tokens.get(n, 0) for n in experts if tokens.get(n, 0) < MIN_EXPERT_TOKENS}
+    result.stats["expert_tokens_min"] = min(tokens.get(n, 0) for n in experts)
+    if few:
+        result.stats["experts_few_tokens"] = few
+        if result.start is not None:
+            result.weights.update({n: result.start[n] for n in few})
 
 
 def _settle(run: Run, i: int, layers, result, targets) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -256,15 +293,20 @@ def _loss(block, x, kwargs, batch, dtype, targets) -> float:
 def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
     """After the last block: lm_head if asked, and the report's summary of what was done."""
     if lm_head:
-        run.quantized.update(_quantize_lm_head(run.model, run.scheme))
+        head = _quantize_lm_head(run.model, run.scheme)
+        run.quantized.update(head)
+        run.done.update({n: q.scheme for n, q in head.items()})
     report = run.report
-    report["layers"] = {n: q.scheme.to_dict() for n, q in run.quantized.items()}
-    left = unquantized(run.model, run.quantized)
+    report["layers"] = {n: s.to_dict() for n, s in run.done.items()}
+    left = unquantized(run.model, run.done)
     report["unquantized"] = sorted(left)
     report["unquantized_share"] = sum(left.values()) / max(sum(p.numel() for p in weight_params(run.model).values()), 1)
     report["blocks_kept_start"] = [b["index"] for b in report["blocks"] if b.get("kept_start")]
+    few = {f"{run.blocks_name}.{b['index']}.{n}": c for b in report["blocks"] for n, c in b.get("experts_few_tokens", {}).items()}
+    if few:
+        report["experts_few_tokens"] = few
     report["seconds"] = time.perf_counter() - run.t_start
-    return QuantizeResult(run.model, run.tokenizer, run.quantized, report)
+    return QuantizeResult(run.model, run.tokenizer, run.quantized, report, run.dtype)
 
 
 def unquantized(model: nn.Module, quantized: dict) -> dict[str, int]:
@@ -295,6 +337,8 @@ def _show_progress(bar, stats: dict, n_blocks: int) -> None:
         msg += f", loss {stats.get('loss_first'):.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
     if stats.get("kept_start"):
         msg += " (tuning ended above its start: kept the start)"
+    if stats.get("experts_few_tokens"):
+        msg += f"; {len(stats['experts_few_tokens'])} experts saw < {MIN_EXPERT_TOKENS} tokens: kept their start"
     bar.write(msg, file=sys.stderr)
     bar.set_postfix(loss=f"{loss:.3g}" if loss is not None else "-", s=f"{stats['seconds']:.1f}")
 

@@ -85,3 +85,4 @@ class QuantizeResult:
     tokenizer: object
     layers: dict[str, QuantizedWeight]
     report: dict = field(default_factory=dict)
+    dtype: torch.dtype | None = None  # the original's float dtype, which writers keep; None: the model's

@@ -265,16 +265,18 @@ def test_packed_export_round_trip(quantized, fmt, tmp_path):
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, **IDS),
 ], ids=["qwen3_moe", "mixtral"])
 def test_weights_outside_linear_layers_are_reported(make_config):
-    """Fused 3-D expert weights are not Linear layers: nothing quantizes them yet, and that is
-    said before the work starts and in the report, by parameter and share of the weights, never
-    silently."""
+    """Fused 3-D experts are split into per-expert Linear layers and quantized; what is left in
+    the blocks that is not a Linear layer (the routers) is said before the work starts and in the
+    report, by parameter and share of the weights, never silently."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
-    with pytest.warns(UserWarning, match=r"not Linear layers and stay in full precision \((\d+\.\d)% of the weights\)"):
+    with pytest.warns(UserWarning, match=r"not Linear layers and stay in full precision \((\d+\.\d)% of the weights\): mlp.gate.weight"):
         r = lowbit.quantize(model, "W4A16G32", "rtn", progress=False)
+    assert not [n for n, p in model.named_parameters() if p.dim() == 3]
+    assert sum(".experts." in n for n in r.layers) == 2 * 4 * 3
     skipped = r.report["skipped_in_blocks"]
-    experts = [n for n, p in model.named_parameters() if p.dim() == 3]
-    assert experts and set(experts) <= set(skipped) <= set(r.report["unquantized"])
+    assert skipped == [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    assert set(skipped) <= set(r.report["unquantized"])
     share = sum(p.numel() for n, p in model.named_parameters() if n in set(r.report["unquantized"]))
     assert r.report["unquantized_share"] == pytest.approx(share / sum(
         p.numel() for p in model.parameters() if p.dim() >= 2))

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import STORIES, TINYSTORIES, need_assets
 
@@ -105,7 +104,7 @@ def no_blocks_model(tmp_path):
 
 BAD = {
     "missing model": (lambda t, x: ["quantize", t / "nope", "--dataset", x / "calib.txt"], "model folder not found"),
-    "corrupt model": (lambda t, x: ["quantize", corrupt_model(t), "--dataset", x / "calib.txt"], "cannot load model"),
+    "corrupt model": (lambda t, x: ["quantize", corrupt_model(t), "--dataset", x / "calib.txt"], "corrupt safetensors header"),
     "nan weights": (lambda t, x: ["quantize", nan_model(t), "--dataset", x / "calib.txt"], "NaN or Inf"),
     "no blocks": (lambda t, x: ["quantize", no_blocks_model(t), "--dataset", x / "calib.txt"], "no transformer blocks"),
     "bits 1": (lambda t, x: ["quantize", STORIES, "--bits", 1, "--dataset", x / "calib.txt"], "bits must be an integer from 2 to 8"),

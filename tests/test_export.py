@@ -156,7 +156,7 @@ def test_export_is_atomic(pycode_rtn, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(packed, "write_packed", boom)
+    monkeypatch.setattr(packed.PackedWriter, "close", boom)
     with pytest.raises(RuntimeError):
         export(pycode_rtn, str(tmp_path / "q"), "fake,auto_round")
     assert os.listdir(tmp_path) == []  # neither the folder nor a temporary one is left

@@ -49,4 +49,16 @@ class InputGram(_Collector):
         return x.T @ x
 
 
-COLLECTORS = {"input_energy": InputEnergy, "input_gram": InputGram}
+class TokenCount(_Collector):
+    """How many tokens each layer saw: for a MoE expert, the tokens routed to it."""
+
+    def accumulate(self, x):
+        return torch.zeros(())
+
+    def remove(self) -> dict[str, int]:
+        for h in self.handles:
+            h.remove()
+        return dict(self.counts)
+
+
+COLLECTORS = {"input_energy": InputEnergy, "input_gram": InputGram, "tokens": TokenCount}

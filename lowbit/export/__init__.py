@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import Format
+from lowbit.export.base import MAX_SHARD_SIZE, Format, Layout, Writer
 from lowbit.export.fake import Fake, check_out_dir
 from lowbit.export.gguf import GGUF
 from lowbit.export.packed import GPTQ, AutoRound
@@ -63,8 +63,10 @@ def check_formats(formats: list[Format], schemes, model_type: str | None = None)
             raise LowbitError(reason)
 
 
-def export(result: QuantizeResult, out_dir: str, formats="fake", overwrite: bool = False) -> str:
-    """Write `result` in each format; returns the output folder."""
+def export(result: QuantizeResult, out_dir: str, formats="fake", overwrite: bool = False,
+           max_shard_size: int = MAX_SHARD_SIZE) -> str:
+    """Write `result` in each format (weights in safetensors shards of at most max_shard_size
+    bytes); returns the output folder."""
     formats = parse_formats(formats)
     check_out_dir(out_dir, overwrite)
     check_formats(formats, {q.scheme for q in result.layers.values()}, getattr(result.model.config, "model_type", None))
@@ -78,7 +80,7 @@ def export(result: QuantizeResult, out_dir: str, formats="fake", overwrite: bool
         for fmt in formats:
             folder = tmp if len(formats) == 1 else os.path.join(tmp, fmt.tag)
             os.makedirs(folder, exist_ok=True)
-            fmt.write(result, folder)
+            fmt.write(result, folder, max_shard_size)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -116,5 +118,5 @@ def load(folder: str):
     return fmt.load(folder) if fmt is not None else load_model(folder)
 
 
-__all__ = ["FORMATS", "Format", "parse_formats", "check_formats", "export", "save_fake", "read_quantized",
+__all__ = ["FORMATS", "Format", "Layout", "Writer", "MAX_SHARD_SIZE", "parse_formats", "check_formats", "export", "save_fake", "read_quantized",
            "detect_format", "load"]

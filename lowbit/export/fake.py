@@ -1,15 +1,19 @@
-"""The "fake" format: a plain Hugging Face folder with the dequantized weights, which transformers
-loads as is, plus quantization.json (what was done) and the integer codes, scales and zero points
-(quantized_weights.safetensors) so packed formats can be written later without re-tuning."""
+"""The "fake" format: a plain Hugging Face folder with the dequantized weights (sharded like any
+checkpoint), which transformers loads as is, plus quantization.json (what was done) and the integer
+codes, scales and zero points (quantized_weights*.safetensors) so packed formats can be written
+later without re-tuning."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
-from safetensors.torch import save_file
+import torch
 
+from lowbit.checkpoint import Checkpoint, ShardWriter
 from lowbit.errors import LowbitError
-from lowbit.export.base import Format
+from lowbit.experts import checkpoint_name
+from lowbit.export.base import Format, Layout, Writer
 from lowbit.quantized import QuantizedWeight, QuantizeResult
 from lowbit.schemes import Scheme
 
@@ -25,33 +29,65 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
         raise LowbitError(f"cannot create the output folder under {parent}")
 
 
-def write_fake(model, tokenizer, layers, report: dict, folder: str) -> None:
-    """Into an existing (temporary) folder: the HF model, codes/scales/zeros, quantization.json."""
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    tensors = {}
-    for name, q in layers.items():
-        tensors[f"{name}.codes"] = q.codes.contiguous()
-        tensors[f"{name}.scale"] = q.scale.float().contiguous()
-        if q.zero is not None:
-            tensors[f"{name}.zero"] = q.zero.to(q.codes.dtype).contiguous()
-    save_file(tensors, os.path.join(folder, "quantized_weights.safetensors"))
-    with open(os.path.join(folder, "quantization.json"), "w") as f:
-        json.dump({"format": "fake", **report}, f, indent=2)
+def save_config(layout: Layout, folder: str, dtype: torch.dtype, extra: dict | None = None) -> None:
+    """config.json (in `dtype`, plus `extra` keys), generation_config.json and the tokenizer."""
+    config = copy.deepcopy(layout.config)
+    config.dtype = dtype
+    for k, v in (extra or {}).items():
+        setattr(config, k, v)
+    config.save_pretrained(folder)
+    generation = getattr(layout.model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+    if layout.tokenizer is not None:
+        layout.tokenizer.save_pretrained(folder)
+
+
+class FakeWriter(Writer):
+    """model*.safetensors: every tensor in the original's dtype (quantized layers dequantized);
+    quantized_weights*.safetensors: each layer's codes, scale and zero points."""
+
+    def __init__(self, folder: str, layout: Layout, state: dict | None = None):
+        self.folder, self.layout = folder, layout
+        if state is None:
+            self.model = ShardWriter(folder, "model", layout.max_shard_size)
+            self.codes = ShardWriter(folder, "quantized_weights", layout.max_shard_size)
+        else:
+            self.model = ShardWriter.resume(folder, state["model"])
+            self.codes = ShardWriter.resume(folder, state["codes"])
+
+    def add(self, name, tensor, q):
+        self.model.add(name, tensor.to(self.layout.dtype) if tensor.is_floating_point() else tensor)
+        if q is not None:
+            layer = name.removesuffix(".weight")
+            self.codes.add(f"{layer}.codes", q.codes)
+            self.codes.add(f"{layer}.scale", q.scale.float())
+            if q.zero is not None:
+                self.codes.add(f"{layer}.zero", q.zero.to(q.codes.dtype))
+
+    def commit(self):
+        return {"model": self.model.commit(), "codes": self.codes.commit()}
+
+    def close(self, report):
+        self.model.close()
+        self.codes.close()
+        save_config(self.layout, self.folder, self.layout.dtype)
+        with open(os.path.join(self.folder, "quantization.json"), "w") as f:
+            json.dump({"format": "fake", **report}, f, indent=2, default=str)
 
 
 def read_fake_layers(folder: str) -> dict[str, QuantizedWeight]:
-    """The QuantizedWeights a fake folder stores (inverse of write_fake's tensors)."""
-    from safetensors.torch import load_file
-
+    """The QuantizedWeights a fake folder stores (inverse of FakeWriter's tensors)."""
     with open(os.path.join(folder, "quantization.json")) as f:
         meta = json.load(f)["layers"]
-    t = load_file(os.path.join(folder, "quantized_weights.safetensors"))
+    with open(os.path.join(folder, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    t = Checkpoint(folder, "quantized_weights")
     out = {}
     for n, m in meta.items():
-        zero = t.get(f"{n}.zero")
-        out[n] = QuantizedWeight(Scheme.from_dict(m), t[f"{n}.codes"], t[f"{n}.scale"],
+        c = checkpoint_name(model_type, n)
+        zero = t.get(f"{c}.zero") if f"{c}.zero" in t else None
+        out[n] = QuantizedWeight(Scheme.from_dict(m), t.get(f"{c}.codes"), t.get(f"{c}.scale"),
                                  zero.float() if zero is not None else None)
     return out
 
@@ -62,12 +98,12 @@ class Fake(Format):
     def check(self, scheme):
         return None
 
-    def write(self, result, folder):
-        write_fake(result.model, result.tokenizer, result.layers, result.report, folder)
+    def open(self, folder, layout, state=None):
+        return FakeWriter(folder, layout, state)
 
     @classmethod
     def detect(cls, folder):
-        return os.path.isfile(os.path.join(folder, "quantized_weights.safetensors"))
+        return any(os.path.isfile(os.path.join(folder, f"quantized_weights.safetensors{s}")) for s in ("", ".index.json"))
 
     @classmethod
     def load(cls, folder):

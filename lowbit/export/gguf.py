@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.base import Format
+from lowbit.export.base import Format, Layout, Writer, ordered_tensors
+from lowbit.quantized import QuantizeResult
 
 FLOAT_TYPES = ("f32", "f16")
 
@@ -367,12 +369,9 @@ def _bpe_pre_name(pre: dict) -> str:
 # tensors
 
 
-def _float_array(t: torch.Tensor, float_type: str | None) -> np.ndarray:
-    t = t.detach().cpu()
-    kind = float_type or ("f32" if t.dtype == torch.float32 else "f16")
-    if kind == "f16" and t.dtype == torch.bfloat16 and float_type is None:
-        return t.float().numpy()  # bf16 to f16 could overflow: keep it exact in f32
-    return t.float().numpy().astype(np.float16 if kind == "f16" else np.float32)
+def _float_array(t: torch.Tensor, float_type: str) -> np.ndarray:
+    """float_type "f16" or "f32" (the writer keeps a bf16 original in f32: f16 could overflow)."""
+    return t.detach().cpu().float().numpy().astype(np.float16 if float_type == "f16" else np.float32)
 
 
 def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, float_type, gguf):
@@ -409,64 +408,97 @@ def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *
     "q4_0 exact", "q4_0 requantized", "f32", "f32 (rows of 172 not a multiple of 32)".
     float_type ("f32"/"f16") overrides the type of the unquantized 2-D tensors (default: the
     model's dtype). Raises LowbitError for a non-Llama model, an unknown qtype or tokenizer."""
-    gguf = _gguf()
-    qt = GGUF_TYPES.get(str(qtype).lower())
-    if qt is None:
-        raise LowbitError(f"unknown GGUF type {qtype!r} (choose from {', '.join(GGUF_TYPES)})")
-    if float_type is not None and float_type not in FLOAT_TYPES:
-        raise LowbitError(f"unknown float type {float_type!r} (choose from {', '.join(FLOAT_TYPES)})")
-    cfg, n_head, n_kv, head_dim, *_ = _llama_config(model)
-    block_type = getattr(gguf.GGMLQuantizationType, qt.ggml) if qt.ggml else None
-    params = dict(model.named_parameters())
-    tied = getattr(cfg, "tie_word_embeddings", False) or (
-        "lm_head.weight" in params and params["lm_head.weight"] is params.get("model.embed_tokens.weight")
-    )
-    if tied and "lm_head" in layers:
-        raise LowbitError("lm_head is quantized but tied to the embeddings: untie it first")
-    unknown = [n for n in layers if gguf_name(n + ".weight") is None]
-    if unknown:
-        raise LowbitError(f"GGUF export cannot place quantized layer {unknown[0]!r}")
+    _llama_config(model)  # refuse another architecture before looking for its blocks
+    result = QuantizeResult(model, tokenizer, layers)
+    layout = Layout.of(result)
+    writer = GGUFWriter(os.fspath(path), layout, qtype, float_type=float_type, name=name)
+    for pname, p in ordered_tensors(model, layout.blocks_name):
+        writer.add(pname, p, layers.get(pname.rsplit(".", 1)[0]))
+    writer.close({})
+    return writer.summary
 
-    tensors: list[tuple[str, np.ndarray, object]] = []
-    summary: dict[str, str] = {}
-    for pname, p in params.items():
-        if pname == "lm_head.weight" and tied:
-            continue
-        gname = gguf_name(pname)
+
+class GGUFWriter(Writer):
+    """Tensors are converted as they arrive and their bytes spooled (aligned as in the file); the
+    file (header, metadata, tensor table, then the spool) is written at close."""
+
+    def __init__(self, path: str, layout: Layout, qtype: str, *, float_type: str | None = None,
+                 name: str | None = None, state: dict | None = None):
+        self.gguf = gguf = _gguf()
+        self.qt = qt = GGUF_TYPES.get(str(qtype).lower())
+        if qt is None:
+            raise LowbitError(f"unknown GGUF type {qtype!r} (choose from {', '.join(GGUF_TYPES)})")
+        if float_type is not None and float_type not in FLOAT_TYPES:
+            raise LowbitError(f"unknown float type {float_type!r} (choose from {', '.join(FLOAT_TYPES)})")
+        cfg, self.n_head, self.n_kv, *_ = _llama_config(layout.model)
+        if getattr(cfg, "tie_word_embeddings", False) and "lm_head" in layout.schemes:
+            raise LowbitError("lm_head is quantized but tied to the embeddings: untie it first")
+        unknown = [n for n in layout.schemes if gguf_name(n + ".weight") is None]
+        if unknown:
+            raise LowbitError(f"GGUF export cannot place quantized layer {unknown[0]!r}")
+        self.path, self.layout, self.name = path, layout, name
+        self.block_type = getattr(gguf.GGMLQuantizationType, qt.ggml) if qt.ggml else None
+        self.float_type = qt.float_type or float_type or ("f16" if layout.dtype == torch.float16 else "f32")
+        self.align = gguf.GGUF_DEFAULT_ALIGNMENT
+        self.spool = path + ".spool"
+        self.infos: list[list] = []  # [gguf name, shape, numpy dtype, nbytes, raw type or None]
+        self.summary: dict[str, str] = {}
+        if state is not None:
+            self.infos, self.summary = state["infos"], state["summary"]
+            if not os.path.isfile(self.spool) or os.path.getsize(self.spool) < state["length"]:
+                raise LowbitError(f"the partial output lacks {self.spool}; remove it to start over")
+            os.truncate(self.spool, state["length"])
+        self._f = open(self.spool, "ab")
+
+    def add(self, name, tensor, q):
+        gname = gguf_name(name)
         if gname is None:
-            raise LowbitError(f"GGUF export does not know where to put parameter {pname!r}")
+            raise LowbitError(f"GGUF export does not know where to put parameter {name!r}")
         order = None
         if gname.endswith(("attn_q.weight", "attn_q.bias")):
-            order = rotary_row_order(p.shape[0], n_head)
+            order = rotary_row_order(tensor.shape[0], self.n_head)
         elif gname.endswith(("attn_k.weight", "attn_k.bias")):
-            order = rotary_row_order(p.shape[0], n_kv)
-        q = layers.get(pname.rsplit(".", 1)[0]) if block_type is not None else None
-        data, raw, summary[gname] = _tensor(gname, p, q, qt, block_type, order, qt.float_type or float_type, gguf)
-        tensors.append((gname, data, raw))
-    file_type = int(getattr(gguf.LlamaFileType, qt.file_type))
-    _write_file(os.fspath(path), gguf, model, tokenizer, tensors, file_type, name)
-    return summary
+            order = rotary_row_order(tensor.shape[0], self.n_kv)
+        q = q if self.block_type is not None else None
+        data, raw, self.summary[gname] = _tensor(gname, tensor, q, self.qt, self.block_type, order,
+                                                 self.float_type, self.gguf)
+        data = np.ascontiguousarray(data)
+        self._f.write(data.tobytes())
+        self._f.write(bytes(-data.nbytes % self.align))
+        self.infos.append([gname, list(data.shape), data.dtype.str, int(data.nbytes), None if raw is None else int(raw)])
 
+    def commit(self):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return {"infos": self.infos, "summary": self.summary, "length": self._f.tell()}
 
-def _write_file(path: str, gguf, model, tokenizer, tensors, file_type: int, name: str | None) -> None:
-    """The GGUF file, written to a temporary name and renamed when complete."""
-    tmp = path + ".tmp"
-    w = gguf.GGUFWriter(tmp, "llama")
-    try:
-        _write_metadata(w, gguf, model, name or os.path.splitext(os.path.basename(path))[0], file_type)
-        _write_tokenizer(w, gguf, tokenizer, int(model.get_input_embeddings().weight.shape[0]))
-        for gname, data, raw in tensors:
-            w.add_tensor(gname, data, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def close(self, report):
+        gguf, layout = self.gguf, self.layout
+        self._f.close()
+        tmp = self.path + ".tmp"
+        w = gguf.GGUFWriter(tmp, "llama")
+        try:
+            name = self.name or os.path.splitext(os.path.basename(self.path))[0]
+            _write_metadata(w, gguf, layout.model, name, int(getattr(gguf.LlamaFileType, self.qt.file_type)))
+            _write_tokenizer(w, gguf, layout.tokenizer, int(layout.model.get_input_embeddings().weight.shape[0]))
+            for gname, shape, dtype, nbytes, raw in self.infos:
+                w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes,
+                                  raw_dtype=None if raw is None else gguf.GGMLQuantizationType(raw))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            fout = w.fout[0]
+            w.write_padding(fout, fout.tell())
+            with open(self.spool, "rb") as src:
+                shutil.copyfileobj(src, fout, 64 << 20)
+            w.close()
+            os.replace(tmp, self.path)
+            os.remove(self.spool)
+        except BaseException:
+            w.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
 
 def read_gguf_weights(path: str) -> dict[str, np.ndarray]:
@@ -495,6 +527,5 @@ class GGUF(Format):
             return f"GGUF export supports the llama architecture, not {model_type}"
         return None
 
-    def write(self, result, folder):
-        write_gguf(result.model, result.tokenizer, result.layers, os.path.join(folder, f"model-{self.option}.gguf"),
-                   self.option)
+    def open(self, folder, layout, state=None):
+        return GGUFWriter(os.path.join(folder, f"model-{self.option}.gguf"), layout, self.option, state=state)

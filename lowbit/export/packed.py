@@ -18,7 +18,6 @@ full-size float weight is ever allocated: memory is the packed tensors plus the 
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -28,8 +27,13 @@ from collections import Counter
 import torch
 from torch import nn
 
+from lowbit.checkpoint import Checkpoint, ShardWriter
 from lowbit.errors import LowbitError
-from lowbit.export.base import Format
+from lowbit.experts import checkpoint_name, model_name, split_experts
+from lowbit.export.base import Format, Layout, Writer
+from lowbit.export.fake import save_config
+from lowbit.model import materialize_buffers
+from lowbit.version import __version__
 from lowbit.qdq import n_groups
 from lowbit.qdq.pack import PACKED_BITS, pack_gptq, pack_rows, unpack_gptq
 from lowbit.quantized import QuantizedWeight, QuantizeResult
@@ -37,32 +41,29 @@ from lowbit.runtime.quant_linear import QuantLinear, unpack_words
 from lowbit.schemes import Scheme
 
 
-def dense_reason(q: QuantizedWeight) -> str | None:
+def dense_reason(scheme: Scheme, shape) -> str | None:
     """Why a layer cannot be packed for standard kernels (None when it can)."""
-    out_f, in_f = q.codes.shape
+    out_f, in_f = shape
     if in_f % 32 or out_f % 32:
         return f"shape {out_f}x{in_f} is not a multiple of 32"
-    if q.group_size > 0 and in_f % q.group_size:
-        return f"group size {q.group_size} does not divide {in_f} inputs"
+    if scheme.group_size > 0 and in_f % scheme.group_size:
+        return f"group size {scheme.group_size} does not divide {in_f} inputs"
     return None
 
 
-def _setting(q: QuantizedWeight) -> dict:
-    return {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+def _setting(s: Scheme) -> dict:
+    return {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
 
 
-def _common(layers: dict[str, QuantizedWeight]) -> tuple[int, int, bool]:
-    """The most frequent (bits, group_size, sym): the global setting, others become overrides."""
-    counts = Counter((q.bits, q.group_size, q.sym) for q in layers.values())
-    return counts.most_common(1)[0][0]
-
-
-def quantization_config(fmt: str, layers: dict[str, QuantizedWeight], blocks_name: str) -> dict:
-    packed = {n: q for n, q in layers.items() if dense_reason(q) is None}
-    dense = sorted(n for n in layers if n not in packed)
-    bits, group, sym = _common(packed or layers)
-    all_sym = all(q.sym for q in packed.values())
-    others = {n: _setting(q) for n, q in packed.items() if (q.bits, q.group_size, q.sym) != (bits, group, sym)}
+def quantization_config(fmt: str, schemes: dict[str, Scheme], shapes: dict, blocks_name: str) -> dict:
+    """config.json's quantization_config for layers {name: scheme} of shapes {name: (out, in)}:
+    the most frequent setting is the global one, others become overrides."""
+    packed = {n: s for n, s in schemes.items() if dense_reason(s, shapes[n]) is None}
+    dense = sorted(n for n in schemes if n not in packed)
+    counts = Counter((s.bits, s.group_size, s.sym) for s in (packed or schemes).values())
+    bits, group, sym = counts.most_common(1)[0][0] if counts else (4, 128, True)
+    all_sym = all(s.sym for s in packed.values())
+    others = {n: _setting(s) for n, s in packed.items() if (s.bits, s.group_size, s.sym) != (bits, group, sym)}
     if fmt == "auto_round":
         extra = others | {n: {"bits": 16, "data_type": "float"} for n in dense}
         cfg = {
@@ -73,15 +74,16 @@ def quantization_config(fmt: str, layers: dict[str, QuantizedWeight], blocks_nam
         }
         if extra:
             cfg["extra_config"] = extra
-        return cfg
-    dynamic = {f"+:^{re.escape(n)}$": s for n, s in others.items()} | {f"-:^{re.escape(n)}$": {} for n in dense}
-    cfg = {
-        "quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
-        "desc_act": False, "true_sequential": True, "static_groups": False,
-        "checkpoint_format": "gptq" if all_sym else "gptq_v2",
-    }
-    if dynamic:
-        cfg["dynamic"] = dynamic
+    else:
+        dynamic = {f"+:^{re.escape(n)}$": s for n, s in others.items()} | {f"-:^{re.escape(n)}$": {} for n in dense}
+        cfg = {
+            "quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym,
+            "desc_act": False, "true_sequential": True, "static_groups": False,
+            "checkpoint_format": "gptq" if all_sym else "gptq_v2",
+        }
+        if dynamic:
+            cfg["dynamic"] = dynamic
+    cfg["quant_tool"] = f"lowbit {__version__}"
     return cfg
 
 
@@ -124,47 +126,34 @@ def packed_tensors(name: str, q: QuantizedWeight, offset: int, g_idx: bool) -> d
     return t
 
 
-def state_dict(model, layers: dict[str, QuantizedWeight], config: dict, dtype: torch.dtype) -> dict:
-    """The checkpoint's tensors: packed layers replace their .weight; the rest cast to dtype."""
-    offset = zero_offset(config)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    for name, q in layers.items():
-        if dense_reason(q) is None:
-            del sd[f"{name}.weight"]
-            sd.update(packed_tensors(name, q, offset, g_idx=config["quant_method"] == "gptq"))
-    return {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v).contiguous()
-            for k, v in sd.items()}
+class PackedWriter(Writer):
+    """model*.safetensors with X.qweight / X.qzeros / X.scales (/ X.g_idx) for each packed layer,
+    every other float tensor in float16 (bfloat16 when the original is bfloat16)."""
 
+    def __init__(self, folder: str, layout: Layout, fmt: str, state: dict | None = None):
+        self.folder, self.layout, self.fmt = folder, layout, fmt
+        self.config = quantization_config(fmt, layout.schemes, layout.shapes, layout.blocks_name)
+        self.offset = zero_offset(self.config)
+        self.dtype = torch.bfloat16 if layout.dtype == torch.bfloat16 else torch.float16
+        self.model = (ShardWriter(folder, "model", layout.max_shard_size) if state is None
+                      else ShardWriter.resume(folder, state))
 
-def write_packed(result: QuantizeResult, folder: str, fmt: str) -> None:
-    """Write `result` as an auto_round or gptq checkpoint into `folder`."""
-    from safetensors.torch import save_file
+    def add(self, name, tensor, q):
+        if q is not None and dense_reason(q.scheme, q.shape) is None:
+            layer = name.removesuffix(".weight")
+            for k, v in packed_tensors(layer, q, self.offset, g_idx=self.fmt == "gptq").items():
+                self.model.add(k, v)
+            return
+        self.model.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
-    from lowbit.model import find_blocks
+    def commit(self):
+        return self.model.commit()
 
-    model = result.model
-    blocks_name, _ = find_blocks(model)
-    cfg = quantization_config(fmt, result.layers, blocks_name)
-    cfg["quant_tool"] = f"lowbit {result.report.get('lowbit_version', '')}".strip()
-    dtype = torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
-    sd = state_dict(model, result.layers, cfg, dtype)
-    if getattr(model.config, "tie_word_embeddings", False):
-        out = model.get_output_embeddings()
-        for k in [k for k in sd if out is not None and k.endswith(".weight") and model.get_submodule(k[:-7]) is out]:
-            del sd[k]  # tied to the input embedding: stored once
-    save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["quantization_config"] = cfg
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if result.tokenizer is not None:
-        result.tokenizer.save_pretrained(folder)
-    with open(os.path.join(folder, "quantization.json"), "w") as f:
-        json.dump({"format": fmt, **result.report}, f, indent=2, default=str)
+    def close(self, report):
+        self.model.close()
+        save_config(self.layout, self.folder, self.dtype, {"quantization_config": self.config})
+        with open(os.path.join(self.folder, "quantization.json"), "w") as f:
+            json.dump({"format": self.fmt, **report}, f, indent=2, default=str)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,16 +169,8 @@ def checkpoint_config(path: str) -> dict | None:
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    files = [f for f in files if os.path.basename(f) != "quantized_weights.safetensors"]
-    if not files:
-        raise LowbitError(f"no .safetensors weights in {path}")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(f))
-    return tensors
+    ckpt = Checkpoint(path)
+    return {n: ckpt.get(n) for n in ckpt.names}
 
 
 def _shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
@@ -197,11 +178,12 @@ def _shift_zeros(qzeros: torch.Tensor, bits: int, delta: int) -> torch.Tensor:
     return pack_rows(z.clamp(0, (1 << bits) - 1), bits, dim=1)
 
 
-def _quant_linear(name: str, lin: nn.Linear, tensors: dict, qcfg: dict, dtype) -> QuantLinear:
+def _quant_linear(name: str, lin: nn.Linear, tensors: dict, qcfg: dict, dtype, cfg_name: str) -> QuantLinear:
+    """The QuantLinear for model layer `name` (cfg_name in the checkpoint's config)."""
     in_f, out_f = lin.in_features, lin.out_features
     qweight, qzeros, scales = (tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales"))
     tensors.pop(f"{name}.g_idx", None)
-    declared = layer_scheme(qcfg, name)
+    declared = layer_scheme(qcfg, cfg_name)
     bits = qweight.shape[0] // math.ceil(in_f / 32)
     if declared is None or declared.bits != bits or n_groups(in_f, declared.group_size) != scales.shape[0]:
         raise LowbitError(f"{name}: the packed tensors do not match the scheme the config declares")
@@ -212,26 +194,6 @@ def _quant_linear(name: str, lin: nn.Linear, tensors: dict, qcfg: dict, dtype) -
     if lin.bias is not None:
         q.bias = tensors.pop(f"{name}.bias").to(dtype)
     return q
-
-
-def _materialize_buffers(model) -> None:
-    """Buffers no checkpoint holds (rotary tables, embedding scales) are computed from the config
-    at construction, which ran on the meta device: compute them on the CPU the way transformers does
-    when it loads a model (its _init_weights), leaving the loaded parameters as they are."""
-    for module in model.modules():
-        meta = {n: b for n, b in module.named_buffers(recurse=False) if b.device.type == "meta"}
-        if not meta:
-            continue
-        for n, b in meta.items():
-            fill = float("nan") if b.is_floating_point() else 0
-            setattr(module, n, torch.full(b.shape, fill, dtype=b.dtype))
-        for p in module.parameters(recurse=False):
-            p._is_hf_initialized = True  # transformers' initializers skip what is flagged so
-        model._init_weights(module)
-        for n in meta:
-            b = getattr(module, n)
-            if b.is_floating_point() and torch.isnan(b).any():
-                raise LowbitError(f"cannot compute buffer {type(module).__name__}.{n} of this model without its weights")
 
 
 def load_packed(path: str, dtype: torch.dtype = torch.float32):
@@ -248,11 +210,13 @@ def load_packed(path: str, dtype: torch.dtype = torch.float32):
         del config.quantization_config  # built as a plain model; the layers are swapped below
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = _read_tensors(path)
+    split_experts(model)
+    tensors = {model_name(config.model_type, k): v for k, v in _read_tensors(path).items()}
     for key in [k for k in tensors if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _quant_linear(name, model.get_submodule(name), tensors, qcfg, dtype))
+        setattr(model.get_submodule(parent), child, _quant_linear(name, model.get_submodule(name), tensors, qcfg, dtype,
+                                                                 checkpoint_name(config.model_type, name)))
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     model.load_state_dict(rest, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
@@ -262,7 +226,7 @@ def load_packed(path: str, dtype: torch.dtype = torch.float32):
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
-    _materialize_buffers(model)
+    materialize_buffers(model)
     model.eval()
     tokenizer = None
     try:
@@ -305,8 +269,8 @@ class _Packed(Format):
             return f"format {self.name} has no {scheme.bits}-bit layout; it packs {', '.join(map(str, PACKED_BITS))} bits"
         return None
 
-    def write(self, result, folder):
-        write_packed(result, folder, self.name)
+    def open(self, folder, layout, state=None):
+        return PackedWriter(folder, layout, self.name, state)
 
     @classmethod
     def detect(cls, folder):
