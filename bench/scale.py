@@ -81,6 +81,46 @@ def run_ppl(scheme: str, algorithm: str, preset: str, work: str) -> dict:
     return r
 
 
+IDENTITY = """
+import glob, hashlib, os, sys
+import lowbit
+from lowbit.export import export
+from lowbit.job import quantize_folder
+from lowbit.model import load_model
+src, work, algo, text = sys.argv[1:5]
+algorithm = lowbit.SignRound(iters=20) if algo == "signround" else lowbit.RTN()
+kw = dict(nsamples=16, seqlen=256, seed=0)
+m, tok = load_model(src)
+r = lowbit.quantize(m, "W3A16", algorithm, text, tokenizer=tok, progress=False, **kw)
+export(r, work + "/mem", "fake,auto_round", max_shard_size=100_000_000)
+del m, r
+quantize_folder(src, work + "/stream", "fake,auto_round", "W3A16", algorithm, text, progress=False,
+                max_shard_size=100_000_000, **kw)
+def h(d):
+    return {os.path.relpath(f, d): hashlib.sha256(open(f, "rb").read()).hexdigest()
+            for f in sorted(glob.glob(d + "/**/*.safetensors", recursive=True))}
+a, b = h(work + "/mem"), h(work + "/stream")
+print(len(a), "weight files,", "byte-identical" if a == b else "DIFFERENT")
+sys.exit(0 if a == b else 1)
+"""
+
+
+def run_identity(algorithm: str, work: str) -> dict:
+    """SmolLM2-135M at W3A16 in memory (lowbit.quantize + export) and streamed (quantize_folder):
+    the sha256 of every weight file, compared."""
+    src = subprocess.run([sys.executable, os.path.join(ASSETS, "scripts", "get_smollm2.py")], check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    folder = os.path.join(work, f"identity-{algorithm}")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    p = subprocess.run([sys.executable, "-c", IDENTITY, src, folder, algorithm,
+                        os.path.join(ASSETS, "text", "wikitext2_valid.tokens")], capture_output=True, text=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    r = {"case": f"identity-smollm2-{algorithm}", "rc": p.returncode, "result": p.stdout.strip()[-200:]}
+    print(json.dumps(r), file=sys.stderr)
+    return r
+
+
 def write_checkpoint(folder: str, shape: str, layers: int | None, seed: int = 0) -> int:
     """A random-weight bf16 Llama of `shape` (its first `layers` blocks) as 2 GB safetensors
     shards, with pycode-7m's tokenizer; returns its size in bytes. Written a tensor at a time."""
@@ -235,6 +275,7 @@ def main() -> None:
     ap.add_argument("--ppl", default="", help="SmolLM2-135M perplexity runs, e.g. 'rtn,signround' (default: none)")
     ap.add_argument("--ppl-schemes", default=",".join(PPL_SCHEMES))
     ap.add_argument("--ppl-preset", default="light", help="SignRound preset for the perplexity runs (default light)")
+    ap.add_argument("--identity", default="", help="streamed vs in-memory bytes on SmolLM2-135M, e.g. 'rtn,signround'")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -246,7 +287,11 @@ def main() -> None:
         for scheme in args.ppl_schemes.split(","):
             ppl.append(run_ppl(scheme, algorithm, args.ppl_preset, args.work))
             _log(args.out, ppl[-1])
+    same = [run_identity(a, args.work) for a in filter(None, args.identity.split(","))]
+    for r in same:
+        _log(args.out, r)
     text = f"CPU: {cpu_kind()}\n\n" + (table(results) if results else "") + (ppl_table(ppl) if ppl else "")
+    text += "".join(f"\n- {r['case']}: {r['result']}" for r in same)
     with open(args.out + ".md", "w") as f:
         f.write(text)
     print(text)

@@ -54,6 +54,17 @@ def tuned_process():
             mallopt(M_TRIM_THRESHOLD, GLIBC_START)
 
 
+def release_free_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's malloc_trim; nothing elsewhere):
+    a long job that frees a block's worth of tensors at a time keeps its resident memory flat."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def before_compile() -> None:
     """Called before a CPU torch.compile: inside tuned_process, inductor's ISA list is taken
     without its probes (once); elsewhere nothing happens."""

@@ -24,6 +24,7 @@ import torch
 from lowbit.algorithms import get_algorithm
 from lowbit.checkpoint import Checkpoint, write_json_atomic
 from lowbit.errors import LowbitError
+from lowbit.host import release_free_memory
 from lowbit.export import MAX_SHARD_SIZE, Layout, check_formats, parse_formats
 from lowbit.model import ckpt_name, load_skeleton, load_weights, release, stored_names, stream_order
 from lowbit.pipeline import finish, prepare, run_blocks
@@ -83,21 +84,7 @@ def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme
             start = _restore(partial, run, state)
             _say(progress, f"resuming {partial}: blocks 1-{start} of {n} were done, continuing from block {start + 1}")
 
-        def load_block(i):
-            load_weights(run.blocks[i], f"{blocks_name}.{i}.", ckpt, rename=lambda n: ckpt_name(model, n))
-
-        def store_block(i, weights, stats):
-            block_state = run.blocks[i].state_dict()
-            prefix = f"{blocks_name}.{i}."
-            for w in writers:
-                for name in block_names[i]:
-                    w.add(ckpt_name(model, name), block_state[name[len(prefix):]],
-                          run.quantized.get(name.removesuffix(".weight")))
-            release(run.blocks[i])
-            run.quantized.clear()
-            _commit(partial, writers, run, i + 1)
-
-        run_blocks(run, start, progress=progress, before_block=load_block, on_block=store_block)
+        _stream_blocks(run, ckpt, writers, block_names, partial, start, progress)
         _add(writers, after, ckpt, model)
         result = finish(run)
         result.report.update({"streamed": True, **(report or {})})
@@ -117,6 +104,32 @@ def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme
             shutil.rmtree(partial, ignore_errors=True)
         raise
     return result, out_dir
+
+
+def _stream_blocks(run, ckpt, writers, block_names, partial: str, start: int, progress: bool) -> None:
+    """Blocks start.. in order: load each from the checkpoint, quantize it, hand its tensors to
+    the writers, free it, commit."""
+    model, blocks_name = run.model, run.blocks_name
+    # Blocks are computed in float32; an algorithm that runs no block (RTN) rounds each layer in
+    # float32 from the stored dtype (qdq upcasts), so the block stays as stored: half the memory.
+    dtype = torch.float32 if run.algo.needs_data else None
+
+    def load_block(i):
+        load_weights(run.blocks[i], f"{blocks_name}.{i}.", ckpt, dtype, rename=lambda n: ckpt_name(model, n))
+
+    def store_block(i, weights, stats):
+        block_state = run.blocks[i].state_dict()
+        prefix = f"{blocks_name}.{i}."
+        for w in writers:
+            for name in block_names[i]:
+                w.add(ckpt_name(model, name), block_state[name[len(prefix):]],
+                      run.quantized.get(name.removesuffix(".weight")))
+        release(run.blocks[i])
+        run.quantized.clear()
+        _commit(partial, writers, run, i + 1)
+        release_free_memory()
+
+    run_blocks(run, start, progress=progress, before_block=load_block, on_block=store_block)
 
 
 def open_checkpoint(model_dir: str):

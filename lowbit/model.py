@@ -96,14 +96,16 @@ def ckpt_name(model: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
-def load_weights(module: nn.Module, prefix: str, ckpt, dtype: torch.dtype = torch.float32, rename=None) -> None:
+def load_weights(module: nn.Module, prefix: str, ckpt, dtype: torch.dtype | None = torch.float32,
+                 rename=None) -> None:
     """Give `module` (on the meta device) its tensors from checkpoint `ckpt` (names prefix +
-    name, through rename), floating-point ones in dtype; non-finite values are refused."""
+    name, through rename), floating-point ones in dtype (None: as stored); non-finite values are
+    refused."""
     state = {}
     for name in module.state_dict():
         t = ckpt.get(rename(prefix + name) if rename else prefix + name)
         if t.is_floating_point():
-            t = t.to(dtype)
+            t = t.to(dtype or t.dtype)
             if not torch.isfinite(t).all():
                 raise LowbitError(f"weight {prefix + name} contains NaN or Inf")
         state[name] = t

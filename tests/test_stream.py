@@ -135,7 +135,8 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
     (STORIES, STORY_TEXT, "signround", "fake,auto_round,gguf:q4_0", None),
     (PYCODE, PY_TEXT, "rtn", "fake,gptq", None),
     (PYCODE, PY_TEXT, "signround", "auto_round", torch.bfloat16),
-], ids=["stories-signround", "pycode-rtn", "pycode-bf16-signround"])
+    (PYCODE, PY_TEXT, "rtn", "fake,gptq", torch.bfloat16),
+], ids=["stories-signround", "pycode-rtn", "pycode-bf16-signround", "pycode-bf16-rtn"])
 def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, model, text, algo, formats, dtype):
     if dtype is not None or model == PYCODE:
         model = sharded_copy(model, tmp_path / "src", 4_000_000, dtype)
@@ -151,7 +152,7 @@ def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, model, text, a
     assert a == b and len(a) >= 3
     assert result.report["layers"] == mem.report["layers"] and result.report["unquantized"] == mem.report["unquantized"]
     if dtype is not None:  # floats stay in the original's dtype
-        ckpt = Checkpoint(out)
+        ckpt = Checkpoint(out if "," not in formats else os.path.join(out, formats.split(",")[0]))
         assert ckpt.dtype("model.embed_tokens.weight") == dtype
     assert not os.path.exists(str(out) + ".partial")
 

@@ -383,8 +383,8 @@ def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, 
         raise LowbitError(f"quantized layer {gname} has shape {tuple(q.codes.shape)}, the model's weight {tuple(p.shape)}")
     cols = p.shape[1]
     block = gguf.GGML_QUANT_SIZES[block_type][0] if block_type is not None else None
-    if q is None or cols % block:
-        arr = _float_array(p, float_type)
+    if q is None or cols % block:  # a quantized layer from its codes: the same bytes from any dtype
+        arr = _float_array(p if q is None else q.dequantize(torch.float32), float_type)
         arr = np.ascontiguousarray(arr[order] if order is not None else arr)
         kind = "f16" if arr.dtype == np.float16 else "f32"
         return arr, None, kind if q is None else f"{kind} (rows of {cols} not a multiple of {block})"

@@ -143,10 +143,10 @@ def quantize_codes(
     ms = min_scale.detach().float().unsqueeze(-1) if min_scale is not None else None
     xs = max_scale.detach().float().unsqueeze(-1) if max_scale is not None else None
     scale, zero = group_params(wg, bits, sym, ms, xs)
-    x = wg / scale
+    x = wg / scale  # in place from here: one weight-sized temporary, not five (big layers)
     if v is not None:
-        x = x + to_groups(v.detach().float(), group_size)
-    q = torch.clamp(x.round() + zero, 0, 2**bits - 1)
+        x.add_(to_groups(v.detach().float(), group_size))
+    q = x.round_().add_(zero).clamp_(0, 2**bits - 1)
     codes = from_groups(q, w.shape[1]).to(torch.uint8)
     return codes, scale.squeeze(-1), zero.squeeze(-1)
 
@@ -155,7 +155,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     in_f = codes.shape[1]
     qg = to_groups(codes.to(torch.float32), group_size)
-    wg = (qg - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
+    wg = qg.sub_(zero.float().unsqueeze(-1)).mul_(scale.float().unsqueeze(-1))
     return from_groups(wg, in_f).to(dtype)
 
 
