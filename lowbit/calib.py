@@ -21,6 +21,9 @@ def read_text(source: str, text_field: str = "text") -> str:
             return _read_parquet(source, text_field)
         with open(source, encoding="utf-8", errors="replace") as f:
             return f.read()
+    if "\n" in source or len(source) > 1024:
+        raise LowbitError(f"calibration source is a string of {len(source)} characters, not a file path or dataset "
+                          "name (pass the file's path, or token windows)")
     if os.sep in source or source.endswith((".txt", ".jsonl", ".parquet", ".json")):
         raise LowbitError(f"calibration file not found: {source}")
     return _read_hub_dataset(source, text_field)

@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
     q.add_argument("model", help="local model folder")
-    q.add_argument("--scheme", default="W4A16", help="W2A16, W3A16, W4A16, W8A16, W2A16G64, W2A16G32 (default W4A16)")
+    q.add_argument("--scheme", default="W4A16",
+                   help="W2A16, W3A16, W4A16, W8A16, W2A16G64, W2A16G32 (weights only); MXFP4, MXFP8, NVFP4, FP8, "
+                        "W4A8, W8A8 (inputs quantized too); MXFP4A16, NVFP4A16, FP8A16 (float weights only). "
+                        "Default W4A16")
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep", choices=["last", "best"], default=None,
                    help="parameters each block keeps: last (default) or those of the lowest minibatch loss "
                         "(auto-round's rule)")
+    q.add_argument("--drop", type=float, default=None,
+                   help="leave this share of the largest output errors out of SignRound's loss (e.g. 0.001)")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
     q.add_argument("--seed", type=int, default=0)
@@ -132,7 +137,8 @@ def cmd_quantize(args) -> None:
         scheme = scheme.replace(bits=args.bits)
     algo_preset, pipe_preset = PRESETS[args.preset]
     settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale,
-                "amp": args.bf16, "compile": args.compile, "keep": args.keep}
+                "amp": args.bf16, "compile": args.compile, "keep": args.keep,
+                "drop": args.drop}
     if args.algorithm.lower() == "signround":
         settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
     algo = lowbit.get_algorithm(args.algorithm, **settings)

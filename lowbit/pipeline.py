@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.version import __version__
+from lowbit.activations import inputs_quantized, quantize_model_inputs
 from lowbit.algorithms import BlockData, get_algorithm
 from lowbit.algorithms.base import Algorithm
 from lowbit.algorithms.cpu_attention import attention_context
@@ -218,11 +219,13 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
         with attention_context(run.fwd_dtype, device, block):
             targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
         data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
-    result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
-    if experts and data is not None:
-        _few_tokens(result, experts, data.stats["tokens"])
-    with attention_context(run.fwd_dtype, device, block):
-        weights, losses = _settle(run, i, layers, result, targets)
+    # From here the block runs as quantized: its layers' inputs too, where the scheme says so.
+    with inputs_quantized({n: (lin, s.act) for n, (lin, s) in layers.items()}):
+        result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
+        if experts and data is not None:
+            _few_tokens(result, experts, data.stats["tokens"])
+        with attention_context(run.fwd_dtype, device, block):
+            weights, losses = _settle(run, i, layers, result, targets)
     for n, q in weights.items():
         run.quantized[f"{run.blocks_name}.{i}.{n}"] = q
         run.done[f"{run.blocks_name}.{i}.{n}"] = q.scheme
@@ -296,6 +299,8 @@ def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
         head = _quantize_lm_head(run.model, run.scheme)
         run.quantized.update(head)
         run.done.update({n: q.scheme for n, q in head.items()})
+    # the model computes the quantized function: inputs quantized where a scheme says so
+    quantize_model_inputs(run.model, {n: s.act for n, s in run.done.items()})
     report = run.report
     report["layers"] = {n: s.to_dict() for n, s in run.done.items()}
     left = unquantized(run.model, run.done)

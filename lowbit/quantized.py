@@ -40,6 +40,9 @@ class QuantizedWeight:
             raise ValueError(f"data type {dtype.name} {'needs' if dtype.has_zero else 'has no'} zero points")
         if self.zero is not None and tuple(self.zero.shape) != groups:
             raise ValueError(f"zero has shape {tuple(self.zero.shape)}, expected {groups}")
+        missing = set(dtype.extra_names) - set(self.extras)
+        if missing:
+            raise ValueError(f"data type {dtype.name} needs extras {sorted(missing)}")
         if self.codes.numel() and int(self.codes.max()) >= dtype.levels(self.scheme.bits):
             raise ValueError(f"codes exceed the {dtype.levels(self.scheme.bits)} levels of {self.scheme.name}")
 
@@ -60,7 +63,7 @@ class QuantizedWeight:
         return self.codes.shape
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.scheme.data_type.dequantize(self.codes, self.scale, self.zero, self.group_size, dtype)
+        return self.scheme.data_type.dequantize(self.codes, self.scale, self.zero, self.bits, self.group_size, dtype)
 
     def replace(self, **changes) -> "QuantizedWeight":
         return dataclasses.replace(self, **changes)
@@ -70,9 +73,9 @@ def quantize_weight(w: torch.Tensor, scheme: Scheme, v: torch.Tensor | None = No
                     min_scale: torch.Tensor | None = None, max_scale: torch.Tensor | None = None) -> QuantizedWeight:
     """The codes of w [out, in] under `scheme`: round to nearest, or with a tuned rounding offset v
     [out, in] and range factors [out, n_groups]."""
-    codes, scale, zero = scheme.data_type.quantize(w, scheme.bits, scheme.group_size, scheme.sym, v, min_scale,
-                                                   max_scale)
-    return QuantizedWeight(scheme, codes, scale, zero)
+    codes, scale, zero, extras = scheme.data_type.quantize(w, scheme.bits, scheme.group_size, scheme.sym, v,
+                                                           min_scale, max_scale)
+    return QuantizedWeight(scheme, codes, scale, zero, extras)
 
 
 @dataclass

@@ -7,17 +7,24 @@ from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
 from lowbit.qdq import get_dtype
+from lowbit.qdq.act import get_activation
+
+# The group size a float type's name implies (MX blocks of 32, NVFP4 of 16, FP8 per channel).
+FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1}
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """Weight-only quantization scheme: bits, group size (-1 = per output channel), symmetry, and
-    the data type (a name in lowbit.qdq.DTYPES), which says which combinations it takes."""
+    """How a Linear is quantized: its weights' bits, group size (-1 = per output channel),
+    symmetry and data type (a name in lowbit.qdq.DTYPES, which says which combinations it takes);
+    and the type its inputs are quantized to while it runs (a name in lowbit.qdq.act.ACTIVATIONS;
+    None: they stay in 16 bits, weight-only)."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
     dtype: str = "int"
+    act: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
@@ -29,6 +36,12 @@ class Scheme:
         reason = get_dtype(self.dtype).check(self.bits, self.group_size, self.sym)
         if reason:
             raise LowbitError(reason)
+        if self.act is not None:
+            get_activation(self.act)
+
+    @property
+    def act_bits(self) -> int:
+        return get_activation(self.act).bits if self.act else 16
 
     @property
     def data_type(self):
@@ -37,8 +50,18 @@ class Scheme:
 
     @property
     def name(self) -> str:
-        g = "" if self.group_size == 128 else (f"G{self.group_size}" if self.group_size > 0 else "PC")
-        return f"W{self.bits}A16{g}" + ("" if self.sym else "-asym")
+        """The name get_scheme reads back: W4A16G64, W4A8 (int8 inputs), MXFP4 (W4A4),
+        MXFP4A16 (weights only), NVFP4, FP8 (W8A8), FP8G128A16, ..."""
+        if self.dtype == "int":
+            g = "" if self.group_size == 128 else (f"G{self.group_size}" if self.group_size > 0 else "PC")
+            act = {None: "A16", "int8": "A8"}.get(self.act, f"A16-{self.act}")
+            name = f"W{self.bits}{act[:3]}{g}" + act[3:]
+            return name + ("" if self.sym else "-asym")
+        base = f"{self.dtype.upper()}{'' if self.dtype == 'fp8' else self.bits}"
+        g = "" if self.group_size == FLOAT_GROUPS[self.dtype] else (f"G{self.group_size}" if self.group_size > 0 else "PC")
+        own = self.dtype.removesuffix("fp8") + ("fp8" if self.dtype == "fp8" else str(self.bits))
+        act = "A16" if self.act is None else "" if self.act == own else f"-{self.act}"
+        return base + g + act
 
     def replace(self, **changes) -> "Scheme":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -55,6 +78,15 @@ class Scheme:
 
 
 PRESETS = {
+    # weights and inputs in the same float type (the MX and NVFP4 formats, FP8 W8A8)
+    "MXFP4": Scheme(4, 32, dtype="mxfp", act="mxfp4"),
+    "MXFP8": Scheme(8, 32, dtype="mxfp", act="mxfp8"),
+    "NVFP4": Scheme(4, 16, dtype="nvfp", act="nvfp4"),
+    "FP8": Scheme(8, -1, dtype="fp8", act="fp8"),
+    # integer weights, int8 inputs per token
+    "W4A8": Scheme(4, 128, act="int8"),
+    "W8A8": Scheme(8, -1, act="int8"),
+    # weights only
     "W2A16": Scheme(2, 128),
     "W3A16": Scheme(3, 128),
     "W4A16": Scheme(4, 128),
@@ -64,18 +96,37 @@ PRESETS = {
 }
 
 
-_NAME = re.compile(r"W(\d+)A16(?:G(\d+)|(PC))?(-ASYM)?")
+_INT = re.compile(r"W(\d+)A(16|8)(?:G(\d+)|(PC))?(?:-(MXFP4|MXFP8|NVFP4|FP8))?(-ASYM)?")
+_FLOAT = re.compile(r"(MXFP|NVFP)(\d+)(?:G(\d+)|(PC))?(A16|-MXFP4|-MXFP8|-NVFP4|-FP8|-INT8)?|FP8(?:G(\d+)|(PC))?(A16|-MXFP4|-MXFP8|-NVFP4|-INT8)?")
+
+
+def _parse(key: str) -> Scheme | None:
+    m = _INT.fullmatch(key)
+    if m:
+        act = "int8" if m.group(2) == "8" else m.group(5).lower() if m.group(5) else None
+        group = int(m.group(3)) if m.group(3) else (-1 if m.group(4) else 128)
+        return Scheme(int(m.group(1)), group, not m.group(6), act=act)
+    m = _FLOAT.fullmatch(key)
+    if not m:
+        return None
+    if m.group(1):
+        dtype, bits, group, pc, act = m.group(1).lower(), int(m.group(2)), m.group(3), m.group(4), m.group(5)
+    else:
+        dtype, bits, group, pc, act = "fp8", 8, m.group(6), m.group(7), m.group(8)
+    own = dtype.removesuffix("fp8") + ("fp8" if dtype == "fp8" else str(bits))
+    act = own if act is None else None if act == "A16" else act[1:].lower()
+    group = int(group) if group else (-1 if pc else FLOAT_GROUPS[dtype])
+    return Scheme(bits, group, dtype=dtype, act=act)
 
 
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
-    """A scheme by name (case-insensitive): a preset, or any W<bits>A16[G<group>|PC][-asym]
-    (group 128 when not named), with the group size or symmetry overridden if given."""
+    """A scheme by name (case-insensitive): a preset, W<bits>A16|A8[G<group>|PC][-asym] (group 128
+    when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8 with its
+    own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs; with the group size
+    or symmetry overridden if given."""
     key = name.strip().upper()
-    m = _NAME.fullmatch(key)
-    if key not in PRESETS and not m:
-        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)}; or e.g. W3A16G64, W4A16PC-asym)")
-    if key in PRESETS:
-        base = PRESETS[key]
-    else:
-        base = Scheme(int(m.group(1)), int(m.group(2)) if m.group(2) else (-1 if m.group(3) else 128), not m.group(4))
+    base = PRESETS.get(key) or _parse(key)
+    if base is None:
+        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)}; or e.g. W3A16G64, W4A16PC-asym, "
+                          "MXFP4A16)")
     return base.replace(group_size=group_size, sym=sym)

@@ -140,3 +140,31 @@ def test_tuned_scores(windows):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plan = make_plan(model, opts, 4.0, windows[:4], metric="hessian", tune_iters=2)
     assert plan["tune_iters"] == 2 and plan["achieved_bits"] <= 4.0
+
+
+def test_deltaloss_counts_quantized_inputs(windows):
+    """With an option that quantizes inputs, DeltaLoss adds |dL/dA_q * (A - Q(A))|: MXFP4 (W4A4)
+    scores above MXFP4A16 (the same weights, 16-bit inputs) and MXFP8 below both; the model is
+    left as it was, hooks included."""
+    model, _ = load_model(STORIES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = block_layers(model)
+    options = {n: get_scheme(n) for n in ("MXFP4", "MXFP4A16", "MXFP8")}
+    scores = METRICS["deltaloss"](model, layers, options, windows, blocks=find_blocks(model)[1])
+    above = sum(s["MXFP4"] > s["MXFP4A16"] for s in scores.values())
+    below = sum(s["MXFP8"] < s["MXFP4A16"] for s in scores.values())
+    assert above >= 0.9 * len(scores) and below >= 0.9 * len(scores), scores
+    assert all(not lin._forward_pre_hooks for lin in layers.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("options,message", [
+    ("MXFP4,W4A16", "options mix 16-bit inputs with quantized ones"),
+    ("MXFP4,NVFP4", "options mix activation types of different kinds"),
+])
+def test_options_of_incompatible_inputs_are_refused(options, message):
+    from lowbit.allocate.plan import parse_options
+
+    with pytest.raises(LowbitError, match=message):
+        parse_options(options)
+    assert set(parse_options("MXFP4,MXFP8")) == {"MXFP4", "MXFP8"}

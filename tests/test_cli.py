@@ -38,7 +38,8 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     report = json.loads((out / "quantization.json").read_text())
     assert report["scheme"]["bits"] == 4 and report["scheme"]["group_size"] == 32
     assert report["algorithm"] == {"name": "signround", "iters": 20, "lr": None, "batch_size": 8, "tune_minmax": True,
-                                   "prescale": False, "minmax_max": 1.0, "keep": "best", "compile": None, "amp": False}
+                                   "prescale": False, "minmax_max": 1.0, "keep": "best", "compile": None, "amp": False,
+                                   "drop": 0.0}
     assert all(b["amp"] is None for b in report["blocks"])  # --no-bf16: float32 tuning
     assert len(report["layers"]) == 35 and report["unquantized"] == ["model.embed_tokens.weight"]  # tied to lm_head
     assert len(report["calibration"]["sha256"]) == 64 and report["calibration"]["nsamples"] == 16

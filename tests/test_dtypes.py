@@ -11,7 +11,7 @@ from lowbit.qdq import DTYPES, from_groups, to_groups
 from lowbit.quantized import QuantizedWeight, quantize_weight
 from lowbit.schemes import Scheme
 
-SETTINGS = [(name, bits, group, sym) for name, dt in DTYPES.items() for bits in range(2, 9) for group in (32, -1)
+SETTINGS = [(name, bits, group, sym) for name, dt in DTYPES.items() for bits in range(2, 9) for group in (16, 32, -1)
             for sym in (True, False) if dt.check(bits, group, sym) is None]
 
 
@@ -61,11 +61,20 @@ def test_tuned_path_matches_reference(name, bits, group, sym):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(DTYPES))
+def _bit_widths(dt):
+    """(group, the bit widths the type takes at it), at the first group size that takes several."""
+    for group in (32, 16):
+        bits = [b for b in range(2, 9) if dt.check(b, group, True) is None]
+        if len(bits) > 1:
+            return group, bits
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(n for n, d in DTYPES.items() if _bit_widths(d)))
 def test_error_falls_with_bits(name):
     dt, w = DTYPES[name], weight(64, 256)
-    bits = [b for b in range(2, 9) if dt.check(b, 32, True) is None]
-    errs = [(quantize_weight(w, Scheme(b, 32, True, dtype=name)).dequantize() - w).pow(2).mean().item() for b in bits]
+    group, bits = _bit_widths(dt)
+    errs = [(quantize_weight(w, Scheme(b, group, True, dtype=name)).dequantize() - w).pow(2).mean().item() for b in bits]
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0]
 
 

@@ -61,6 +61,10 @@ class SignRound:
     # are fast (CUDA; CPUs with AVX512-BF16/AMX). On a CPU its attention then runs as plain bf16
     # matmuls (cpu_attention.py).
     amp: bool | None = None
+    # Leave the largest share of squared output errors out of the block's loss (auto-round does so
+    # with 4-bit inputs, 0.001): a few outlier elements, which no rounding fixes, otherwise steer
+    # every sign step. 0: the plain mean.
+    drop: float = 0.0
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -74,6 +78,8 @@ class SignRound:
             raise LowbitError(f"lr must be positive, got {self.lr}")
         if self.keep not in ("last", "best"):
             raise LowbitError(f"keep must be 'last' or 'best', got {self.keep!r}")
+        if not 0 <= self.drop < 0.5:
+            raise LowbitError(f"drop must be in [0, 0.5), got {self.drop}")
 
     @property
     def block_batch_size(self) -> int:
@@ -118,11 +124,12 @@ class _Bucket:
         self.dtype = get_dtype(data_type)
         self.group_size, self.sym = group_size, sym
         self.slices = []  # (name, start row, end row, out_features, in_features)
-        rows, bits, factors, lrs, start = [], [], [], [], 0
+        rows, ranges, bits, factors, lrs, start = [], [], [], [], [], 0
         for name, lin, scheme in items:
             out_f, in_f = lin.weight.shape
             wg = to_groups(lin.weight.detach().float(), group_size)
             rows.append(wg.reshape(-1, wg.shape[-1]))
+            ranges.append(self.dtype.init_range(rows[-1]) if not self.dtype.range_is_local else ())
             n = rows[-1].shape[0]
             bits.append(torch.full((n, 1), float(scheme.bits)))
             lrs.append((n, layer_lr(scheme.bits)))
@@ -131,7 +138,9 @@ class _Bucket:
             self.slices.append((name, start, start + n, out_f, in_f))
             start += n
         self.w = torch.cat(rows)
-        self.range = self.dtype.init_range(self.w)  # fixed: only the factors on it are tuned
+        # fixed: only the factors on it are tuned. Per layer where a type's range is not local.
+        self.range = self.dtype.init_range(self.w) if self.dtype.range_is_local else tuple(
+            torch.cat(parts) for parts in zip(*ranges))
         self.bits = torch.cat(bits).to(self.w.device)
         # the learning rate: one number when all rows share it, else a column of one per row
         self.lr = lrs[0][1] if len({lr for _, lr in lrs}) == 1 else torch.cat(
@@ -223,7 +232,7 @@ def _tuned_qdq(data_type, w, bits, sym, v, mn, mx, wrange, dtype):
 
 
 def _reference_qdq(data_type, w, bits, sym, v, mn, mx, wrange, dtype):
-    return data_type.fake_quantize(w, bits, sym, v, mn, mx).to(dtype)
+    return data_type.fake_quantize(w, bits, sym, v, mn, mx, None if data_type.range_is_local else wrange).to(dtype)
 
 
 @functools.cache
@@ -231,16 +240,21 @@ def _compiled_qdq():
     return torch.compile(_reference_qdq, dynamic=False)
 
 
-def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target):
+def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0):
     """The tuning loss of one minibatch: the block with its quantize-dequantized weights against
-    the full-precision targets. Everything it needs comes in as arguments, so one compiled version
-    serves every block of a model. (Autocast, if any, is entered by the caller: inside, it would
-    keep torch from caching the compiled backward between runs.)"""
+    the full-precision targets (the largest `drop` share of squared errors left out). Everything
+    it needs comes in as arguments, so one compiled version serves every block of a model.
+    (Autocast, if any, is entered by the caller: inside, it would keep torch from caching the
+    compiled backward between runs.)"""
     w = {}
     for b in buckets:
         w.update(b.weights(weight_dtype, qdq))
     out = block_output(functional_call(block, w, (x,), kwargs))
-    return F.mse_loss(out.float(), target.float())
+    if not drop:
+        return F.mse_loss(out.float(), target.float())
+    err = (out.float() - target.float()).pow(2).flatten()
+    k = int(err.numel() * drop)
+    return (err.sum() - err.topk(k).values.sum()) / (err.numel() - k)
 
 
 @functools.cache
@@ -295,7 +309,7 @@ class _Tuner:
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
         with autocast:
             loss = self.step(self.block, self.buckets, self.qdq, self.weight_dtype, self.data.kwargs,
-                             self.inputs[idx], self.data.targets[idx])
+                             self.inputs[idx], self.data.targets[idx], self.cfg.drop)
         loss.backward()
         return loss.item()
 

@@ -15,6 +15,7 @@ from lowbit.allocate.sensitivity import METRICS, tuned_weights
 from lowbit.allocate.solvers import SOLVERS, Choice, Problem
 from lowbit.errors import LowbitError
 from lowbit.model import find_blocks, find_linears
+from lowbit.qdq.act import check_mix
 from lowbit.schemes import Scheme, get_scheme
 
 # Layers that fused kernels (vLLM's QKV and gate-up projections) load as one: they share a scheme.
@@ -48,6 +49,9 @@ def parse_options(options) -> dict[str, Scheme]:
         out[s.name] = s
     if len(out) < 1:
         raise LowbitError("give at least one option (e.g. W2A16,W4A16)")
+    reason = check_mix(s.act for s in out.values())
+    if reason:
+        raise LowbitError(reason)
     return out
 
 
@@ -143,9 +147,12 @@ def plan_schemes(plan: dict) -> dict[str, Scheme]:
                 out[name] = Scheme.from_dict(s)
             else:
                 out[name] = options[s] if s in options else get_scheme(s)
-        return out
     except (KeyError, TypeError) as e:
         raise LowbitError(f"malformed plan: missing or wrong {e}") from None
+    reason = check_mix(s.act for s in out.values())
+    if reason:
+        raise LowbitError(f"plan: {reason}")
+    return out
 
 
 def write_plan(plan: dict, path: str) -> None:

@@ -4,6 +4,8 @@ Larger means quantizing that layer with that option hurts more.
 
 - deltaloss (SignRoundV2): quantize every layer with the option, run the language-model loss
   forward and backward, score sum |dL/dW_q * (W - Q(W))|: a first-order estimate of the loss change.
+  For an option that quantizes a layer's inputs too, add its input term, sum over the calibration
+  tokens of |dL/dA_q * (A - Q(A))|, A the layer's input.
 - hessian: sum_j E[x_j^2] * ||W[:, j] - Q(W)[:, j]||^2, the diagonal of X^T X weighting the error
   (the GPTQ/HAWQ-style proxy).
 - output_mse: each layer quantized alone, the mean squared error of its block's output.
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from lowbit.algorithms.prescale import search_range_factors
 from lowbit.algorithms.stats import InputEnergy
 from lowbit.model import capture_block_inputs, run_block
+from lowbit.qdq.act import get_activation
 from lowbit.quantized import quantize_weight
 from lowbit.schemes import Scheme
 
@@ -69,6 +72,38 @@ def input_energy(model: nn.Module, layers: dict[str, nn.Linear], windows: torch.
     return imp
 
 
+class _InputTerm:
+    """Forward pre-hooks that quantize each layer's input (straight-through) and add up
+    |dL/dA_q * (A - Q(A))| in the backward pass, per layer."""
+
+    def __init__(self, layers: dict[str, nn.Linear], act: str):
+        self.sums = dict.fromkeys(layers, 0.0)
+        quantize = get_activation(act)
+        self.handles = [lin.register_forward_pre_hook(self._hook(n, quantize)) for n, lin in layers.items()]
+
+    def _hook(self, name, quantize):
+        def pre_hook(module, args):
+            x = args[0]
+            if not torch.is_grad_enabled():
+                return (quantize(x), *args[1:])
+            xq = quantize(x.detach()).requires_grad_(True)
+            xq = x + (xq - x).detach() if x.requires_grad else xq
+            diff = (x - xq).detach()
+
+            def add(grad):
+                self.sums[name] += (grad * diff).abs().sum().item()
+
+            xq.register_hook(add)
+            return (xq, *args[1:])
+
+        return pre_hook
+
+    def remove(self) -> dict[str, float]:
+        for h in self.handles:
+            h.remove()
+        return self.sums
+
+
 def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
               *, blocks=None, prescale: bool = False, batch_size: int = 4, tuned: dict | None = None) -> dict:
     qw = _weight_fn(tuned, input_energy(model, layers, windows) if prescale and tuned is None else {}, prescale)
@@ -85,13 +120,18 @@ def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], w
                         lin.weight.copy_(qw(n, opt, scheme, originals[n]))
                         lin.weight.requires_grad_(True)
                         lin.weight.grad = None
-                for i in range(0, len(windows), batch_size):
-                    ids = windows[i : i + batch_size]
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                    (loss * len(ids) / len(windows)).backward()
+                inputs = _InputTerm(layers, scheme.act) if scheme.act is not None else None
+                try:
+                    for i in range(0, len(windows), batch_size):
+                        ids = windows[i : i + batch_size]
+                        logits = model(input_ids=ids, use_cache=False).logits
+                        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                        (loss * len(ids) / len(windows)).backward()
+                finally:
+                    act_terms = inputs.remove() if inputs is not None else {}
                 for n, lin in layers.items():
-                    scores[n][opt] = (lin.weight.grad * (originals[n] - lin.weight.detach())).abs().sum().item()
+                    scores[n][opt] = (lin.weight.grad * (originals[n] - lin.weight.detach())).abs().sum().item() \
+                        + act_terms.get(n, 0.0)
     finally:
         with torch.no_grad():
             for n, lin in layers.items():

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from lowbit.activations import quantize_model_inputs
 from lowbit.checkpoint import Checkpoint, ShardWriter
 from lowbit.errors import LowbitError
 from lowbit.experts import checkpoint_name
@@ -64,6 +65,8 @@ class FakeWriter(Writer):
             self.codes.add(f"{layer}.scale", q.scale.float())
             if q.zero is not None:
                 self.codes.add(f"{layer}.zero", q.zero.to(q.codes.dtype))
+            for key in q.scheme.data_type.extra_names:
+                self.codes.add(f"{layer}.{key}", q.extras[key].float())
 
     def commit(self):
         return {"model": self.model.commit(), "codes": self.codes.commit()}
@@ -87,9 +90,18 @@ def read_fake_layers(folder: str) -> dict[str, QuantizedWeight]:
     for n, m in meta.items():
         c = checkpoint_name(model_type, n)
         zero = t.get(f"{c}.zero") if f"{c}.zero" in t else None
-        out[n] = QuantizedWeight(Scheme.from_dict(m), t.get(f"{c}.codes"), t.get(f"{c}.scale"),
-                                 zero.float() if zero is not None else None)
+        scheme = Scheme.from_dict(m)
+        extras = {k: t.get(f"{c}.{k}") for k in scheme.data_type.extra_names}
+        out[n] = QuantizedWeight(scheme, t.get(f"{c}.codes"), t.get(f"{c}.scale"),
+                                 zero.float() if zero is not None else None, extras)
     return out
+
+
+def input_types(folder: str) -> dict[str, str]:
+    """{layer: activation type} of the layers of a fake folder whose inputs are quantized."""
+    with open(os.path.join(folder, "quantization.json")) as f:
+        layers = json.load(f).get("layers", {})
+    return {n: m["act"] for n, m in layers.items() if m.get("act")}
 
 
 class Fake(Format):
@@ -107,9 +119,12 @@ class Fake(Format):
 
     @classmethod
     def load(cls, folder):
+        """The model with its dequantized weights, its quantized inputs hooked back on."""
         from lowbit.model import load_model
 
-        return load_model(folder)
+        model, tokenizer = load_model(folder)
+        quantize_model_inputs(model, input_types(folder))
+        return model, tokenizer
 
     @classmethod
     def read(cls, folder):

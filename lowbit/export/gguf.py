@@ -187,6 +187,8 @@ class GGUFType:
 
     def check(self, scheme) -> str | None:
         name = f"gguf:{self.name}"
+        if scheme.dtype != "int" or scheme.act is not None:
+            return f"{name} stores integer weights with 16-bit inputs, not {scheme.name}; use --format fake"
         if self.bits is not None and scheme.bits != self.bits:
             return f"{name} stores {self.bits}-bit weights, the scheme has {scheme.bits} bits"
         if self.group is not None and scheme.group_size != -1 and scheme.group_size % self.group:

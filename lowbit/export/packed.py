@@ -264,7 +264,10 @@ class _Packed(Format):
 
     def check(self, scheme):
         if scheme.dtype != "int":
-            return f"format {self.name} stores integer weights, not {scheme.dtype}"
+            return f"format {self.name} stores integer weights, not {scheme.dtype} ({scheme.name}); use --format fake"
+        if scheme.act is not None:
+            return (f"format {self.name} stores weight-only schemes; {scheme.name} quantizes inputs to "
+                    f"{scheme.act}; use --format fake")
         if scheme.bits not in PACKED_BITS:
             return f"format {self.name} has no {scheme.bits}-bit layout; it packs {', '.join(map(str, PACKED_BITS))} bits"
         return None

@@ -14,6 +14,11 @@ class DataType:
 
     name: str = ""
     has_zero: bool = True  # whether codes are stored with a zero point per group
+    extra_names: tuple[str, ...] = ()  # the extras quantize returns (NVFP4: its global scale)
+    # Whether init_range of some rows depends on those rows only; False (NVFP4's per-tensor scale):
+    # the range of a layer's rows is computed on the layer and passed in (wrange) wherever the
+    # rows of several layers are quantized together.
+    range_is_local: bool = True
 
     def check(self, bits: int, group_size: int, sym: bool) -> str | None:
         """Why this type cannot take these settings, or None when it can."""
@@ -42,13 +47,14 @@ class DataType:
         return self.fake_quantize(wg.detach(), bits, sym, v, min_scale, max_scale, wrange).to(dtype or wg.dtype)
 
     def quantize(self, w: torch.Tensor, bits: int, group_size: int, sym: bool, v=None, min_scale=None,
-                 max_scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(codes uint8 [out, in], scale [out, n_groups], zero [out, n_groups] or None) of w
-        [out, in]; v [out, in] and the factors [out, n_groups] as tuned."""
+                 max_scale=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+        """(codes uint8 [out, in], scale [out, n_groups], zero [out, n_groups] or None, extras) of
+        w [out, in]; v [out, in] and the factors [out, n_groups] as tuned. extras: the other
+        tensors a layer of this type stores ({} for most; `extra_names` lists them)."""
         raise NotImplementedError
 
-    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                   group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
     def storage_bits(self, out_features: int, in_features: int, bits: int, group_size: int, sym: bool) -> int:

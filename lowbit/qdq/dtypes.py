@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from lowbit.errors import LowbitError
 from lowbit.qdq.base import DataType
+from lowbit.qdq.fp8 import FP8Type
 from lowbit.qdq.int import IntType
+from lowbit.qdq.mx import MXType
+from lowbit.qdq.nv import NVType
 
-DTYPES: dict[str, DataType] = {t.name: t for t in (IntType(),)}
+DTYPES: dict[str, DataType] = {t.name: t for t in (IntType(), MXType(), NVType(), FP8Type())}
 
 
 def get_dtype(name: str) -> DataType:

@@ -181,9 +181,9 @@ class IntType(DataType):
         return fake_quantize_tuned(wg, bits, sym, v, min_scale, max_scale, wrange, dtype)
 
     def quantize(self, w, bits, group_size, sym, v=None, min_scale=None, max_scale=None):
-        return quantize_codes(w, bits, group_size, sym, v, min_scale, max_scale)
+        return (*quantize_codes(w, bits, group_size, sym, v, min_scale, max_scale), {})
 
-    def dequantize(self, codes, scale, zero, group_size, dtype=torch.float32):
+    def dequantize(self, codes, scale, zero, bits, group_size, dtype=torch.float32):
         return dequantize_codes(codes, scale, zero, group_size, dtype)
 
     def storage_bits(self, out_features, in_features, bits, group_size, sym):

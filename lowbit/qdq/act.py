@@ -1,0 +1,92 @@
+"""Activation quantizers: what a Linear's input becomes on hardware that multiplies in a low-bit
+format (W4A4, W8A8). Dynamic: every scale comes from the tensor at hand, as the kernels compute it.
+
+    mxfp4 / mxfp8  blocks of 32 along the input features, E8M0 scale, E2M1 / E4M3 elements
+    nvfp4          blocks of 16, E4M3 block scales under a float32 scale of the whole input
+    fp8            E4M3 per token, float32 scale amax / 448
+    int8           integers per token, symmetric, scale amax / 127
+
+Each is a quantize-dequantize with a straight-through gradient (the input passes it unchanged),
+so SignRound tunes the weights under it. Inputs whose features are not a whole number of blocks
+are padded as weight groups are (groups.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.qdq.fp import TINY, round_to_element
+from lowbit.qdq.groups import from_groups, to_groups
+from lowbit.qdq.mx import mx_scale
+from lowbit.qdq.nv import e4m3, global_scale
+
+
+def _mx(x, bits):
+    g = to_groups(x, 32)
+    s = mx_scale(g.abs().amax(-1, keepdim=True), bits)
+    return from_groups(round_to_element(g / s, bits) * s, x.shape[1])
+
+
+def _nvfp4(x):
+    g = to_groups(x, 16)
+    gs = global_scale(x.abs().amax())
+    s = e4m3(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return from_groups(round_to_element(g / safe, 4) * s, x.shape[1])
+
+
+def _fp8(x):
+    s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
+    return round_to_element(x / s, 8) * s
+
+
+def _int8(x):
+    s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 127
+    return (x / s).round().clamp(-127, 127) * s
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    bits: int
+    block: int  # features sharing a scale; 0: a scale per token
+    family: str  # types one model may mix (one kernel family: MX, NVFP4 with FP8, int8)
+    fn: object
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize x [..., features] (straight-through), in x's dtype."""
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        q = self.fn(flat).reshape(x.shape).to(x.dtype)
+        return x + (q - x).detach() if x.requires_grad else q
+
+
+ACTIVATIONS = {a.name: a for a in (
+    Activation("mxfp4", 4, 32, "mx", lambda x: _mx(x, 4)),
+    Activation("mxfp8", 8, 32, "mx", lambda x: _mx(x, 8)),
+    Activation("nvfp4", 4, 16, "nv", _nvfp4),
+    Activation("fp8", 8, 0, "nv", _fp8),
+    Activation("int8", 8, 0, "int", _int8),
+)}
+
+
+def check_mix(acts) -> str | None:
+    """Why layers with these activation types (None: 16-bit inputs) cannot be in one model, or
+    None: every layer quantizes its inputs or none does, all in one family."""
+    acts = set(acts)
+    if len(acts) <= 1:
+        return None
+    if None in acts:
+        return f"options mix 16-bit inputs with quantized ones ({', '.join(sorted(a for a in acts if a))})"
+    families = {get_activation(a).family for a in acts}
+    if len(families) > 1:
+        return f"options mix activation types of different kinds: {', '.join(sorted(acts))}"
+    return None
+
+
+def get_activation(name: str) -> Activation:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise LowbitError(f"activation type {name!r} is not supported (have: {', '.join(ACTIVATIONS)})") from None
