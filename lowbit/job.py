@@ -226,6 +226,16 @@ def _commit(partial: str, writers, run, next_block: int) -> None:
             os.remove(os.path.join(partial, f))
 
 
+def _same_setting(earlier, now) -> bool:
+    """Whether a job setting is unchanged. A key of a settings dict that the earlier run did not
+    record (a lowbit without that option) matches an option that is off now (None, 0, False), so
+    an upgrade that adds an option does not orphan a partial run."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        off = {k for k, v in now.items() if k not in earlier and v in (None, 0, False)}
+        return earlier == {k: v for k, v in now.items() if k not in off}
+    return earlier == now
+
+
 def _resume_state(partial: str, job: dict, restart: bool) -> dict | None:
     """The committed state of an earlier run of the same job in `partial`, or None to start
     afresh. A partial folder of another job is refused, and left as it is."""
@@ -240,7 +250,7 @@ def _resume_state(partial: str, job: dict, restart: bool) -> dict | None:
     except (OSError, ValueError):
         raise LowbitError(f"{partial} exists but is not a lowbit partial output; remove it") from None
     for key in job:
-        if earlier.get(key) != job[key]:
+        if not _same_setting(earlier.get(key), job[key]):
             raise LowbitError(f"{partial} holds a partial run with another {key} "
                               f"({_short(earlier.get(key))} there, {_short(job[key])} now); "
                               "remove it or pass --restart")

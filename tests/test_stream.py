@@ -223,6 +223,18 @@ def test_partial_of_another_run_is_refused_and_kept(tmp_path):
     errors = [line for line in stderr.splitlines() if line.startswith("lowbit: error:")]
     assert p.returncode == 2 and len(errors) == 1 and "partial run with another scheme" in errors[0]
     assert (weight_hashes(partial), sorted(os.listdir(partial))) == before
+    # A partial run of a lowbit without the newer options (scheme.act, algorithm.drop) is the
+    # same job while those options are off: it resumes.
+    job = json.load(open(os.path.join(partial, "job.json")))
+    del job["scheme"]["act"], job["algorithm"]["drop"]
+    json.dump(job, open(os.path.join(partial, "job.json"), "w"))
+    p = _cli(*RESUME_ARGS, "--out", out)
+    _, stderr = p.communicate()
+    assert p.returncode == 0 and "resuming" in stderr, stderr
+    from lowbit.job import _same_setting
+
+    assert not _same_setting({"iters": 40}, {"iters": 40, "drop": 0.001})  # an option turned on: another job
+    assert _same_setting({"iters": 40}, {"iters": 40, "drop": 0.0})
 
 
 def test_bad_checkpoint_through_the_cli(tmp_path):
