@@ -110,14 +110,16 @@ def split_experts(model: nn.Module) -> int:
 
 
 def checkpoint_name(model_type: str | None, name: str) -> str:
-    """The name a tensor of the (split) model has in the model type's checkpoints."""
+    """The name a tensor or module of the (split) model has in the model type's checkpoints."""
+    name += "."  # a module's name ends where a tensor's name has a dot
     for model, ckpt in CHECKPOINT_NAMES.get(model_type or "", ()):
         name = re.sub(_regex(model), _sub(ckpt), name)
-    return name
+    return name[:-1]
 
 
 def model_name(model_type: str | None, name: str) -> str:
     """The inverse of checkpoint_name."""
+    name += "."
     for model, ckpt in CHECKPOINT_NAMES.get(model_type or "", ()):
         name = re.sub(_regex(ckpt), _sub(model), name)
-    return name
+    return name[:-1]

@@ -26,6 +26,14 @@ def _check_folder(path: str) -> None:
         raise LowbitError(f"corrupt config.json in {path}: {e}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether a folder has tokenizer files (a model written without a tokenizer has none)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
 def load_model(path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local Hugging Face folder, offline."""
     import transformers
@@ -35,7 +43,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True
         )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+                     if has_tokenizer(path) else None)
     except Exception as e:  # transformers raises many types for a broken folder
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LowbitError(f"cannot load model from {path}: {msg}") from None

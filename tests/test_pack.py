@@ -145,15 +145,36 @@ def test_out_of_range_values_raise(bits):
     pack_rows(x, bits, 0)  # the largest code is fine
 
 
+def _stream_words(values, bits):
+    """32 values as one little-endian stream of 32 * bits bits, cut into 32-bit words."""
+    stream = sum(v << (i * bits) for i, v in enumerate(values))
+    return [(stream >> (32 * k)) & 0xFFFFFFFF for k in range(bits)]
+
+
+@pytest.mark.parametrize("bits", [1, 5, 6, 7])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_other_widths_pack_as_one_bit_stream(bits, dim):
+    """1, 5, 6, 7 bits (compressed-tensors' pack-quantized widths) follow the same stream rule."""
+    x = _codes((64, 37), bits, seed=bits)
+    p = pack_rows(pad_to(x, 32, dim), bits, dim)
+    assert torch.equal(unpack_rows(p, bits, dim, x.shape[dim]), x)
+    run = x[:32, 0].tolist() if dim == 0 else x[0, :32].tolist()
+    got = p[:bits, 0] if dim == 0 else p[0, :bits]
+    assert _as_unsigned(got) == _stream_words(run, bits)
+
+
 def test_bad_arguments_raise():
     x = torch.zeros(32, dtype=torch.int64)
     with pytest.raises(ValueError, match="multiple of 32"):
         pack_rows(torch.zeros(33, dtype=torch.int64), 4, 0)
-    for bits in (1, 5, 6, 7, 16):
+    for bits in (0, 9, 16):
         with pytest.raises(ValueError, match="bits"):
             pack_rows(x, bits, 0)
         with pytest.raises(ValueError, match="bits"):
             unpack_rows(torch.zeros(8, dtype=torch.int32), bits, 0, 32)
+    for bits in (1, 5, 6, 7):  # the stream packs them; the GPTQ layout does not
+        with pytest.raises(ValueError, match="GPTQ"):
+            pack_gptq(torch.zeros(32, 32, dtype=torch.uint8), torch.zeros(32, 1), torch.ones(32, 1), bits)
     with pytest.raises(TypeError):
         pack_rows(x.float(), 4, 0)
     with pytest.raises(ValueError):

@@ -18,12 +18,13 @@ import tempfile
 
 from lowbit.errors import LowbitError
 from lowbit.export.base import MAX_SHARD_SIZE, Format, Layout, Writer
+from lowbit.export.compressed import CompressedTensors
 from lowbit.export.fake import Fake, check_out_dir
 from lowbit.export.gguf import GGUF
 from lowbit.export.packed import GPTQ, AutoRound
 from lowbit.quantized import QuantizeResult
 
-FORMATS: dict[str, type[Format]] = {f.name: f for f in (Fake, AutoRound, GPTQ, GGUF)}
+FORMATS: dict[str, type[Format]] = {f.name: f for f in (Fake, AutoRound, GPTQ, CompressedTensors, GGUF)}
 
 
 def parse_formats(spec) -> list[Format]:
@@ -100,8 +101,8 @@ def detect_format(folder: str) -> type[Format] | None:
 
 
 def read_quantized(folder: str) -> QuantizeResult:
-    """A QuantizeResult from a folder lowbit wrote in a format it reads back (fake, auto_round or
-    gptq), for re-export: the model holds dequantized float weights, `layers` the codes."""
+    """A QuantizeResult from a folder lowbit wrote in a format it reads back (fake, auto_round,
+    gptq or compressed_tensors), for re-export: the model holds dequantized float weights, `layers` the codes."""
     fmt = detect_format(folder)
     if fmt is None:
         readable = ", ".join(n for n, f in FORMATS.items() if f.loads)

@@ -2,12 +2,14 @@
 
 Pure tensor math, no knowledge of files or models.
 
-Packing rule (the same for every supported width, bits in {2, 3, 4, 8}): a run of 32 values along
+Packing rule (the same for every width from 1 to 8 bits): a run of 32 values along
 the packed dimension becomes exactly `bits` int32 words, read as one little-endian bit stream of
 32 * bits bits. Value i of the run occupies stream bits [i*bits, (i+1)*bits), i.e. word
 (i*bits) // 32 starting at bit (i*bits) % 32, lowest bit first. For 2/4/8 bits no value crosses a
 word boundary, so this is the familiar "value i of a word in bits [i*bits, (i+1)*bits)"; for 3 bits
 it is GPTQ's 32-values-in-3-words layout, with values 10 and 21 straddling word boundaries.
+compressed-tensors' pack-quantized layout is the same stream for every width (cut to
+ceil(n * bits / 32) words).
 
 Words are stored as torch.int32, so a word whose top bit is set is negative. Internally all bit
 arithmetic is done on int64 holding the unsigned word value in [0, 2^32), and converted to the
@@ -24,13 +26,19 @@ from lowbit.qdq.groups import n_groups
 
 # The bit widths the GPTQ layout packs (and so every writer of it, and QuantLinear, can hold).
 PACKED_BITS = (2, 3, 4, 8)
+STREAM_BITS = range(1, 9)  # the widths pack_rows packs
 _U32 = 1 << 32
 _MASK32 = _U32 - 1
 
 
 def _check_bits(bits: int) -> None:
+    if bits not in STREAM_BITS:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits}")
+
+
+def _check_gptq_bits(bits: int) -> None:
     if bits not in PACKED_BITS:
-        raise ValueError(f"bits must be one of {PACKED_BITS}, got {bits}")
+        raise ValueError(f"bits must be one of {PACKED_BITS} for the GPTQ layout, got {bits}")
 
 
 def _slot_layout(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,6 +149,7 @@ def pack_gptq(codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, bits
     (mod 2^bits) before calling pack_rows itself or declare the v2 format.
     Symmetric int weights carry a signed scale (see lowbit.qdq.int); it is stored signed.
     """
+    _check_gptq_bits(bits)
     codes = pad_to(codes.t(), 32, dim=0)
     qweight = pack_rows(codes, bits, dim=0)
 
@@ -172,7 +181,7 @@ def unpack_gptq(
     and as stored (no +1: see the zero convention in `pack_gptq`). Shapes are checked against the
     given sizes; ValueError on a mismatch.
     """
-    _check_bits(bits)
+    _check_gptq_bits(bits)
     ng = n_groups(in_features, group_size)
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
     expect = {
