@@ -128,7 +128,7 @@ def cmd_quantize(args) -> None:
     import lowbit
     from lowbit.allocate.plan import parse_options
     from lowbit.export.fake import check_out_dir
-    from lowbit.pipeline import PRESETS
+    from lowbit.pipeline import PRESETS, calibrated_inputs, needs_calibration
 
     # Everything that can be checked is checked before any work starts.
     check_out_dir(args.out, args.overwrite)
@@ -155,6 +155,8 @@ def cmd_quantize(args) -> None:
     if args.target_bits is not None:
         planned += list(parse_options(args.options).values())
     check_formats(formats, planned)
+    if args.dataset is None and needs_calibration(algo, planned):
+        raise LowbitError(f"--dataset is required to calibrate the input scales of {', '.join(calibrated_inputs(planned))}")
 
     if args.target_bits is None and not args.quantize_lm_head:
         try:

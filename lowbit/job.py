@@ -27,7 +27,7 @@ from lowbit.errors import LowbitError
 from lowbit.host import release_free_memory
 from lowbit.export import MAX_SHARD_SIZE, Layout, check_formats, parse_formats
 from lowbit.model import ckpt_name, load_skeleton, load_weights, release, stored_names, stream_order
-from lowbit.pipeline import finish, prepare, run_blocks
+from lowbit.pipeline import finish, needs_calibration, prepare, run_blocks
 from lowbit.quantized import QuantizeResult
 from lowbit.schemes import Scheme, get_scheme
 from lowbit.version import __version__
@@ -112,7 +112,7 @@ def _stream_blocks(run, ckpt, writers, block_names, partial: str, start: int, pr
     model, blocks_name = run.model, run.blocks_name
     # Blocks are computed in float32; an algorithm that runs no block (RTN) rounds each layer in
     # float32 from the stored dtype (qdq upcasts), so the block stays as stored: half the memory.
-    dtype = torch.float32 if run.algo.needs_data else None
+    dtype = torch.float32 if run.needs_data else None
 
     def load_block(i):
         load_weights(run.blocks[i], f"{blocks_name}.{i}.", ckpt, dtype, rename=lambda n: ckpt_name(model, n))
@@ -162,7 +162,10 @@ def open_checkpoint(model_dir: str):
 def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device):
     """pipeline.prepare on the skeleton; the layers outside the blocks are loaded only for it to
     capture block 0's inputs, and freed after."""
-    if not algo.needs_data:
+    if isinstance(scheme, str):
+        scheme = get_scheme(scheme)
+    planned = [scheme, *(get_scheme(s) if isinstance(s, str) else s for s in (overrides or {}).values())]
+    if not needs_calibration(algo, planned):
         return prepare(model, scheme, algo, dataset, tokenizer=tokenizer, seed=seed, overrides=overrides, device=device)
     blocks_name = _blocks_name(model)
     outside = [n for n in stored_names(model) if not n.startswith(blocks_name + ".")]

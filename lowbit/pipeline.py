@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.version import __version__
-from lowbit.activations import inputs_quantized, quantize_model_inputs
+from lowbit.activations import INPUT_SCALE, input_scales, inputs_quantized, quantize_model_inputs
 from lowbit.algorithms import BlockData, get_algorithm
 from lowbit.algorithms.base import Algorithm
 from lowbit.algorithms.cpu_attention import attention_context
@@ -42,6 +42,7 @@ from lowbit.model import (
     run_block,
     weight_params,
 )
+from lowbit.qdq.act import get_activation
 from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
 from lowbit.schemes import Scheme, get_scheme
 
@@ -81,8 +82,19 @@ class Run:
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # a streamed run drops them once written
     done: dict[str, Scheme] = field(default_factory=dict)  # every layer quantized so far
     dtype: torch.dtype | None = None  # the original's float dtype (what writers store floats in)
+    needs_data: bool = False  # calibration windows are run through the blocks (needs_calibration)
     scratch: dict = field(default_factory=dict)  # the algorithm's, kept between blocks (Algorithm.quantize_block)
     t_start: float = field(default_factory=time.perf_counter)
+
+
+def calibrated_inputs(schemes) -> list[str]:
+    """The names of the schemes whose input type takes a calibrated scale (NVFP4's global scale)."""
+    return sorted({s.name for s in schemes if s.act is not None and get_activation(s.act).calibrated})
+
+
+def needs_calibration(algo: Algorithm, schemes) -> bool:
+    """Whether a run needs calibration data: for the algorithm, or for calibrated input scales."""
+    return algo.needs_data or bool(calibrated_inputs(schemes))
 
 
 def layer_schemes(names: list[str], default: Scheme, overrides: dict | None) -> dict[str, Scheme]:
@@ -172,7 +184,8 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
     run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers,
               layer_schemes(names, scheme, overrides), report, dtype=dtype)
     _warn_skipped(run)
-    if algo.needs_data:
+    run.needs_data = needs_calibration(algo, run.schemes.values())
+    if run.needs_data:
         _capture(run, dataset, nsamples, seqlen)
     # The full-precision targets and the next block's inputs are computed under the autocast the
     # algorithm tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
@@ -183,6 +196,9 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
 def _capture(run: Run, dataset, nsamples: int, seqlen: int) -> None:
     """The calibration windows and block 0's inputs (and every block's keyword arguments)."""
     if dataset is None:
+        if not run.algo.needs_data:
+            raise LowbitError("calibration data (dataset) is needed to calibrate the input scales of "
+                              + ", ".join(calibrated_inputs(run.schemes.values())))
         raise LowbitError(f"algorithm {run.algo.name!r} needs calibration data (dataset)")
     if run.tokenizer is None and not isinstance(dataset, torch.Tensor):
         raise LowbitError("a tokenizer is needed to tokenize the calibration text")
@@ -213,19 +229,30 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
     batch = algo.block_batch_size
     data = targets = None
     experts = [n for n in layers if _EXPERT.search(n)]
-    if algo.needs_data:
+    calibrated = {n: get_activation(s.act) for n, (_, s) in layers.items() if s.act and get_activation(s.act).calibrated}
+    scales = {}
+    if run.needs_data:
         wanted = set(algo.statistics([s for _, s in layers.values()])) | ({"tokens"} if experts else set())
+        wanted |= {"input_amax"} if calibrated else set()
         collectors = {name: COLLECTORS[name](run.block_layers[i]) for name in sorted(wanted)}
         with attention_context(run.fwd_dtype, device, block):
             targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
         data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
+        # input scales from the full-precision inputs, as a deployed model's are calibrated
+        amax = data.stats.get("input_amax", {})
+        for n in calibrated:  # an expert routed no token: its siblings' largest input
+            if n not in amax and any(m.rsplit(".", 1)[-1] == n.rsplit(".", 1)[-1] for m in amax):
+                amax[n] = max(v for m, v in amax.items() if m.rsplit(".", 1)[-1] == n.rsplit(".", 1)[-1])
+        scales = {n: act.calibrate(amax[n]) for n, act in calibrated.items() if n in amax}
     # From here the block runs as quantized: its layers' inputs too, where the scheme says so.
-    with inputs_quantized({n: (lin, s.act) for n, (lin, s) in layers.items()}):
+    with inputs_quantized({n: (lin, s.act) for n, (lin, s) in layers.items()}, scales):
         result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)
         if experts and data is not None:
             _few_tokens(result, experts, data.stats["tokens"])
         with attention_context(run.fwd_dtype, device, block):
             weights, losses = _settle(run, i, layers, result, targets)
+    weights = {n: q.replace(extras={**q.extras, INPUT_SCALE: scales[n]}) if n in scales else q
+               for n, q in weights.items()}
     for n, q in weights.items():
         run.quantized[f"{run.blocks_name}.{i}.{n}"] = q
         run.done[f"{run.blocks_name}.{i}.{n}"] = q.scheme
@@ -254,7 +281,7 @@ def _settle(run: Run, i: int, layers, result, targets) -> tuple[dict[str, Quanti
     Stats: loss_calib, the kept weights' loss on every calibration window (the tuning loss, not one
     minibatch's), from the outputs the next block needs anyway; loss_start, the start's."""
     stats = {"loss_calib": None}
-    if not run.algo.needs_data:
+    if not run.needs_data:
         _write(layers, result.weights)
         return result.weights, stats
     block, x, kwargs, batch, dtype = run.blocks[i], run.q_in, run.kwargs[i], run.algo.block_batch_size, run.fwd_dtype
@@ -300,7 +327,7 @@ def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
         run.quantized.update(head)
         run.done.update({n: q.scheme for n, q in head.items()})
     # the model computes the quantized function: inputs quantized where a scheme says so
-    quantize_model_inputs(run.model, {n: s.act for n, s in run.done.items()})
+    quantize_model_inputs(run.model, {n: s.act for n, s in run.done.items()}, input_scales(run.quantized))
     report = run.report
     report["layers"] = {n: s.to_dict() for n, s in run.done.items()}
     left = unquantized(run.model, run.done)
@@ -338,8 +365,10 @@ def _warn_skipped(run: Run) -> None:
 def _show_progress(bar, stats: dict, n_blocks: int) -> None:
     loss = next((stats[k] for k in ("loss_calib", "loss_last", "loss_best") if stats.get(k) is not None), None)
     msg = f"block {stats['index'] + 1}/{n_blocks}: {stats['seconds']:.1f}s"
-    if loss is not None:
-        msg += f", loss {stats.get('loss_first'):.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
+    if loss is not None and stats.get("loss_first") is not None:  # a tuned block
+        msg += f", loss {stats['loss_first']:.3g} -> {loss:.3g}, {stats['seconds_per_iter'] * 1000:.0f} ms/iter"
+    elif loss is not None:  # rounded, run on the calibration windows (calibrated input scales)
+        msg += f", loss {loss:.3g}"
     if stats.get("kept_start"):
         msg += " (tuning ended above its start: kept the start)"
     if stats.get("experts_few_tokens"):

@@ -18,7 +18,7 @@ class _Collector:
         def hook(module, args, output):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             s = self.accumulate(x)
-            self.sums[name] = s if self.sums[name] is None else self.sums[name] + s
+            self.sums[name] = s if self.sums[name] is None else self.combine(self.sums[name], s)
             self.counts[name] += x.shape[0]
 
         return hook
@@ -26,6 +26,9 @@ class _Collector:
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
         """The sum over the tokens x [tokens, in_features] of what is averaged."""
         raise NotImplementedError
+
+    def combine(self, total: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return total + s
 
     def remove(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
@@ -61,4 +64,19 @@ class TokenCount(_Collector):
         return dict(self.counts)
 
 
-COLLECTORS = {"input_energy": InputEnergy, "input_gram": InputGram, "tokens": TokenCount}
+class InputAmax(_Collector):
+    """The largest input magnitude each layer saw (a calibrated input scale's measure)."""
+
+    def accumulate(self, x):
+        return x.abs().amax() if x.numel() else torch.zeros(())
+
+    def combine(self, total, s):
+        return torch.maximum(total, s)
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {n: s for n, s in self.sums.items() if s is not None}
+
+
+COLLECTORS = {"input_energy": InputEnergy, "input_gram": InputGram, "tokens": TokenCount, "input_amax": InputAmax}

@@ -25,8 +25,9 @@ in the checkpoint's float dtype (float32 originals keep float32, so unpacking is
 that a float32 model with MX or NV layers is written in bfloat16, the dtype compressed-tensors
 unpacks those to.
 
-Inputs quantized by a scheme (W4A4, W8A8) are declared as dynamic input quantization. NVFP4 with
-NVFP4 inputs needs a calibrated input global scale, which lowbit does not record yet: refused.
+Inputs quantized by a scheme (W4A4, W8A8) are declared as dynamic input quantization, except
+NVFP4's: its block scales are dynamic, its global scale static, X.input_global_scale (float32 [1]),
+the one the pipeline calibrated (lowbit.activations).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from lowbit.activations import quantize_model_inputs
+from lowbit.activations import INPUT_SCALE, input_scales, quantize_model_inputs
 from lowbit.checkpoint import ShardWriter
 from lowbit.errors import LowbitError
 from lowbit.experts import checkpoint_name, model_name, split_experts
@@ -47,6 +48,7 @@ from lowbit.export.base import Format, Layout, Writer
 from lowbit.export.fake import save_config
 from lowbit.export.packed import _read_tensors, checkpoint_config
 from lowbit.model import ckpt_name, materialize_buffers
+from lowbit.qdq.act import get_activation
 from lowbit.qdq.pack import pack_rows, pad_to, unpack_rows
 from lowbit.quantized import QuantizedWeight, QuantizeResult
 from lowbit.schemes import Scheme
@@ -96,6 +98,10 @@ def input_args(act: str | None) -> dict | None:
     if act in ("mxfp4", "mxfp8"):
         return base | {"num_bits": int(act[-1]), "type": "float", "group_size": 32, "strategy": "group",
                        "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if act == "nvfp4":
+        return base | {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group",
+                       "dynamic": "local", "observer": "static_minmax", "scale_dtype": "torch.float8_e4m3fn",
+                       "zp_dtype": "torch.float8_e4m3fn"}
     raise LowbitError(f"format compressed_tensors cannot declare {act} inputs")
 
 
@@ -155,6 +161,11 @@ def layer_tensors(name: str, q: QuantizedWeight, scale_dtype: torch.dtype) -> di
     else:  # mxfp8-quantized, float-quantized
         t["weight"] = q.codes.view(torch.float8_e4m3fn)
         t["weight_scale"] = _e8m0(q.scale) if s.dtype == "mxfp" else q.scale.float()
+    if s.act is not None and get_activation(s.act).calibrated:
+        if INPUT_SCALE not in q.extras:
+            raise LowbitError(f"{name}: its {s.act} inputs have no calibrated scale (quantized without calibration "
+                              "data)")
+        t[INPUT_SCALE] = q.extras[INPUT_SCALE].float().reshape(1)
     return {f"{name}.{k}": v for k, v in t.items()}
 
 
@@ -292,6 +303,8 @@ def _read_layer(name: str, s: Scheme, t: dict, in_f: int, out_f: int) -> Quantiz
         codes = get("weight").view(torch.uint8)
         sc = get("weight_scale")
         scale = torch.exp2(sc.float() - 127) if s.dtype == "mxfp" else sc.float()
+    if f"{name}.{INPUT_SCALE}" in t:
+        extras[INPUT_SCALE] = get(INPUT_SCALE).float().reshape(())
     return QuantizedWeight(s, codes, scale.reshape(out_f, -1), zero, extras)
 
 
@@ -317,6 +330,8 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    stored = getattr(config, "dtype", None) or torch.float32  # before from_config sets it to dtype
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     split_experts(model)
@@ -335,7 +350,8 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
         if scheme is None:
             continue
         q = _read_layer(name, scheme, tensors, mod.in_features, mod.out_features)
-        tensors[f"{name}.weight"] = q.dequantize(dtype)
+        # in the folder's float dtype, as the package unpacks them (MX and NV: bfloat16)
+        tensors[f"{name}.weight"] = q.dequantize(torch.float32).to(stored)
         layers[name], acts[name] = q, scheme.act
     left = [k for k in tensors if k.rsplit(".", 1)[-1].startswith(("weight_", "input_"))]
     if left:
@@ -351,7 +367,7 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
         raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
     materialize_buffers(model)
     model.eval()
-    quantize_model_inputs(model, {n: a for n, a in acts.items() if a})
+    quantize_model_inputs(model, {n: a for n, a in acts.items() if a}, input_scales(layers))
     tokenizer = None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -364,13 +380,10 @@ class CompressedTensors(Format):
     name, loads = "compressed_tensors", True
 
     def check(self, scheme):
-        if scheme.dtype == "nvfp" and scheme.act == "nvfp4":
-            return (f"format compressed_tensors needs a calibrated input global scale for {scheme.name} (NVFP4 "
-                    "inputs), which lowbit does not record yet; use NVFP4A16 or --format fake")
-        if scheme.act == "nvfp4" or (scheme.act and scheme.dtype in ("mxfp",) and scheme.act not in ("mxfp4", "mxfp8")):
-            return f"format compressed_tensors cannot declare {scheme.act} inputs for {scheme.name}"
         if scheme.dtype == "int" and scheme.act not in (None, "int8"):
             return f"format compressed_tensors cannot declare {scheme.act} inputs for integer weights ({scheme.name})"
+        if scheme.dtype == "mxfp" and scheme.act not in (None, "mxfp4", "mxfp8"):
+            return f"format compressed_tensors cannot declare {scheme.act} inputs for MX weights ({scheme.name})"
         return None
 
     def engine_notes(self, schemes) -> list[str]:

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from lowbit.activations import quantize_model_inputs
+from lowbit.activations import INPUT_SCALE, quantize_model_inputs
 from lowbit.checkpoint import Checkpoint, ShardWriter
 from lowbit.errors import LowbitError
 from lowbit.experts import checkpoint_name
@@ -65,7 +65,7 @@ class FakeWriter(Writer):
             self.codes.add(f"{layer}.scale", q.scale.float())
             if q.zero is not None:
                 self.codes.add(f"{layer}.zero", q.zero.to(q.codes.dtype))
-            for key in q.scheme.data_type.extra_names:
+            for key in sorted(q.extras):  # the data type's, and a calibrated input scale
                 self.codes.add(f"{layer}.{key}", q.extras[key].float())
 
     def commit(self):
@@ -91,7 +91,8 @@ def read_fake_layers(folder: str) -> dict[str, QuantizedWeight]:
         c = checkpoint_name(model_type, n)
         zero = t.get(f"{c}.zero") if f"{c}.zero" in t else None
         scheme = Scheme.from_dict(m)
-        extras = {k: t.get(f"{c}.{k}") for k in scheme.data_type.extra_names}
+        keys = [*scheme.data_type.extra_names, *([INPUT_SCALE] if f"{c}.{INPUT_SCALE}" in t else [])]
+        extras = {k: t.get(f"{c}.{k}") for k in keys}
         out[n] = QuantizedWeight(scheme, t.get(f"{c}.codes"), t.get(f"{c}.scale"),
                                  zero.float() if zero is not None else None, extras)
     return out
@@ -102,6 +103,17 @@ def input_types(folder: str) -> dict[str, str]:
     with open(os.path.join(folder, "quantization.json")) as f:
         layers = json.load(f).get("layers", {})
     return {n: m["act"] for n, m in layers.items() if m.get("act")}
+
+
+def _input_scales(folder: str, acts: dict[str, str]) -> dict:
+    """{layer: calibrated input scale} of the layers of a fake folder that have one."""
+    if not acts:
+        return {}
+    with open(os.path.join(folder, "config.json")) as f:
+        model_type = json.load(f).get("model_type")
+    t = Checkpoint(folder, "quantized_weights")
+    keys = {n: f"{checkpoint_name(model_type, n)}.{INPUT_SCALE}" for n in acts}
+    return {n: t.get(k) for n, k in keys.items() if k in t}
 
 
 class Fake(Format):
@@ -123,7 +135,8 @@ class Fake(Format):
         from lowbit.model import load_model
 
         model, tokenizer = load_model(folder)
-        quantize_model_inputs(model, input_types(folder))
+        acts = input_types(folder)
+        quantize_model_inputs(model, acts, _input_scales(folder, acts))
         return model, tokenizer
 
     @classmethod

@@ -2,7 +2,9 @@
 format (W4A4, W8A8). Dynamic: every scale comes from the tensor at hand, as the kernels compute it.
 
     mxfp4 / mxfp8  blocks of 32 along the input features, E8M0 scale, E2M1 / E4M3 elements
-    nvfp4          blocks of 16, E4M3 block scales under a float32 scale of the whole input
+    nvfp4          blocks of 16, E4M3 block scales under a float32 global scale, 448 * 6 / amax:
+                   calibrated (the largest input magnitude the layer saw on the calibration data,
+                   static, as NVFP4 kernels take it), or the tensor at hand's when not calibrated
     fp8            E4M3 per token, float32 scale amax / 448
     int8           integers per token, symmetric, scale amax / 127
 
@@ -23,26 +25,26 @@ from lowbit.qdq.mx import mx_scale
 from lowbit.qdq.nv import e4m3, global_scale
 
 
-def _mx(x, bits):
+def _mx(x, bits, gs=None):
     g = to_groups(x, 32)
     s = mx_scale(g.abs().amax(-1, keepdim=True), bits)
     return from_groups(round_to_element(g / s, bits) * s, x.shape[1])
 
 
-def _nvfp4(x):
+def _nvfp4(x, gs=None):
     g = to_groups(x, 16)
-    gs = global_scale(x.abs().amax())
+    gs = global_scale(x.abs().amax()) if gs is None else gs.to(x.device, torch.float32)
     s = e4m3(g.abs().amax(-1, keepdim=True) / 6 * gs) / gs
     safe = torch.where(s > 0, s, torch.ones_like(s))
     return from_groups(round_to_element(g / safe, 4) * s, x.shape[1])
 
 
-def _fp8(x):
+def _fp8(x, gs=None):
     s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
     return round_to_element(x / s, 8) * s
 
 
-def _int8(x):
+def _int8(x, gs=None):
     s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 127
     return (x / s).round().clamp(-127, 127) * s
 
@@ -54,18 +56,25 @@ class Activation:
     block: int  # features sharing a scale; 0: a scale per token
     family: str  # types one model may mix (one kernel family: MX, NVFP4 with FP8, int8)
     fn: object
+    calibrated: bool = False  # takes a global scale calibrated on the layer's inputs (calibrate())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize x [..., features] (straight-through), in x's dtype."""
+    def calibrate(self, amax: torch.Tensor) -> torch.Tensor | None:
+        """The static scale a layer whose inputs reached `amax` on the calibration data keeps
+        (None for a type without one)."""
+        return global_scale(amax.float().reshape(())) if self.calibrated else None
+
+    def __call__(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Fake-quantize x [..., features] (straight-through), in x's dtype, with the layer's
+        calibrated scale if it has one."""
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        q = self.fn(flat).reshape(x.shape).to(x.dtype)
+        q = self.fn(flat, scale).reshape(x.shape).to(x.dtype)
         return x + (q - x).detach() if x.requires_grad else q
 
 
 ACTIVATIONS = {a.name: a for a in (
-    Activation("mxfp4", 4, 32, "mx", lambda x: _mx(x, 4)),
-    Activation("mxfp8", 8, 32, "mx", lambda x: _mx(x, 8)),
-    Activation("nvfp4", 4, 16, "nv", _nvfp4),
+    Activation("mxfp4", 4, 32, "mx", lambda x, gs=None: _mx(x, 4)),
+    Activation("mxfp8", 8, 32, "mx", lambda x, gs=None: _mx(x, 8)),
+    Activation("nvfp4", 4, 16, "nv", _nvfp4, calibrated=True),
     Activation("fp8", 8, 0, "nv", _fp8),
     Activation("int8", 8, 0, "int", _int8),
 )}
