@@ -10,6 +10,24 @@ import torch
 from lowbit.errors import LowbitError
 
 
+def check_source(source: str, what: str = "calibration text") -> None:
+    """Refuse, before any model is loaded, a text file that is missing, a folder, unreadable or
+    empty (errors name the file). A name that is no path is left to the datasets library."""
+    if os.path.isdir(source):
+        raise LowbitError(f"{what} {source} is a folder, not a file")
+    if not os.path.exists(source):
+        if os.sep in source or source.endswith((".txt", ".jsonl", ".parquet", ".json")):
+            raise LowbitError(f"{what} not found: {source}")
+        return
+    try:
+        with open(source, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as e:
+        raise LowbitError(f"cannot read {what} {source}: {e.strerror or e}") from None
+    if not head.strip():
+        raise LowbitError(f"{what} {source} is empty")
+
+
 def read_text(source: str, text_field: str = "text") -> str:
     """The text of a .txt file, the "text" field of each .jsonl line or .parquet row (joined by
     blank lines), or of a datasets name ("name" or "name:config", split train) when online."""

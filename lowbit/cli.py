@@ -7,6 +7,8 @@ import os
 import sys
 
 from lowbit.api import context_length
+from lowbit.calib import check_source
+from lowbit.progress import Progress
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
 from lowbit.errors import LowbitError
 from lowbit.export import check_formats, parse_formats
@@ -59,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
     q.add_argument("model", help="local model folder")
     q.add_argument("--scheme", default="W4A16",
-                   help="W2A16, W3A16, W4A16, W8A16, W2A16G64, W2A16G32 (weights only); MXFP4, MXFP8, NVFP4, FP8, "
-                        "W4A8, W8A8 (inputs quantized too); MXFP4A16, NVFP4A16, FP8A16 (float weights only). "
-                        "Default W4A16")
+                   help="integer weights: W<bits>A16[G<group>|PC][-asym], bits 2-8, group 128 unless named, PC "
+                        "per output channel (W4A16, W3A16G64, W2A16G32, W8A16PC, W4A16G128-asym); with int8 inputs "
+                        "per token: W<bits>A8 (W4A8, W8A8). Float types with their own inputs: MXFP4, MXFP8, NVFP4, "
+                        "FP8; weights only: MXFP4A16, MXFP8A16, NVFP4A16, FP8A16, FP8G128A16; other inputs: "
+                        "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). Default W4A16")
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
@@ -104,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="allocate bits per layer under an average-bit budget")
     pl.add_argument("model", help="local model folder")
     pl.add_argument("--dataset", required=True, help="calibration text for the sensitivity metric")
+    pl.add_argument("--quiet", action="store_true", help="no progress output")
     pl.add_argument("--nsamples", type=int, default=16, help="calibration windows for the metric (default 16)")
     pl.add_argument("--seqlen", type=int, default=2048)
     pl.add_argument("--seed", type=int, default=0)
@@ -119,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
 
     e = sub.add_parser("eval", help="perplexity of a model folder on a text")
-    e.add_argument("model", help="local model folder (original or quantized)")
+    e.add_argument("model", help="local model folder (original or quantized; a multi-format output: its fake/)")
     _add_eval_args(e, "--text", required=True)
+    e.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
 
@@ -144,8 +150,10 @@ def cmd_quantize(args) -> None:
     algo = lowbit.get_algorithm(args.algorithm, **settings)
     if algo.needs_data and args.dataset is None:
         raise LowbitError(f"--dataset is required for --algorithm {algo.name}")
-    if args.text is not None and not os.path.isfile(args.text):
-        raise LowbitError(f"evaluation text not found: {args.text}")
+    if args.dataset is not None:
+        check_source(args.dataset)
+    if args.text is not None:
+        check_source(args.text, "evaluation text")
     nsamples = args.nsamples if args.nsamples is not None else pipe_preset["nsamples"]
     if args.plan and args.target_bits is not None:
         raise LowbitError("give --plan or --target-bits, not both")
@@ -185,7 +193,8 @@ def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None
         model, tokenizer = load_model(args.model)
         before = _eval(model, tokenizer, args)
         del model
-    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)}), block by block")
+    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} "
+               f"({_describe(algo, scheme, overrides, args.device)}), block by block")
     result, out = quantize_folder(
         args.model, args.out, formats, scheme, algo, args.dataset, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
         overrides=overrides, device=args.device, progress=not args.quiet, max_shard_size=args.max_shard_size,
@@ -204,7 +213,7 @@ def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None
                 report["eval"] = result.report["eval"]
                 with open(path, "w") as fh:
                     json.dump(report, fh, indent=2, default=str)
-    _summary(args, result, scheme, plan, before, after, out)
+    _summary(args, result, scheme, plan, before, after, out, formats)
 
 
 def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> None:
@@ -219,7 +228,7 @@ def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> Non
     if args.target_bits is not None:
         plan = _make_plan(model, tokenizer, args, min(nsamples, 16), seqlen)
     overrides = _plan_overrides(args, plan, model)
-    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo)})")
+    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo, scheme, overrides, args.device)})")
     result = lowbit.quantize(
         model, scheme, algo, args.dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
         seed=args.seed, overrides=overrides, lm_head=args.quantize_lm_head, device=args.device,
@@ -232,7 +241,7 @@ def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> Non
         after = _eval(model, tokenizer, args)
         result.report["eval"] = _eval_entry(args, before, after, model)
     out = export(result, args.out, formats, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    _summary(args, result, scheme, plan, before, after, out)
+    _summary(args, result, scheme, plan, before, after, out, formats)
 
 
 def _seqlen(args, model) -> int:
@@ -258,7 +267,7 @@ def _eval_entry(args, before, after, model) -> dict:
             "windows": after["windows"], "seqlen": min(args.eval_seqlen, context_length(model))}
 
 
-def _summary(args, result, scheme, plan, before, after, out) -> None:
+def _summary(args, result, scheme, plan, before, after, out, formats) -> None:
     n_q, left = len(result.report["layers"]), result.report["unquantized"]
     target = "the plan's schemes" if plan is not None else scheme.name
     print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
@@ -266,7 +275,12 @@ def _summary(args, result, scheme, plan, before, after, out) -> None:
           f"({len(left)} tensors, {result.report['unquantized_share']:.1%} of the weights)")
     if args.text:
         print(f"perplexity on {args.text}: original {before['ppl']:.4f}, quantized {after['ppl']:.4f}")
-    print(f"wrote {out}")
+    if len(formats) == 1:
+        print(f"wrote {out} ({formats[0].tag}: {formats[0].loaded_by})")
+        return
+    print(f"wrote {out}:")
+    for f in formats:
+        print(f"  {f.tag}/  {f.loaded_by}")
 
 
 def _make_plan(model, tokenizer, args, nsamples: int, seqlen: int) -> dict:
@@ -283,8 +297,9 @@ def _make_plan(model, tokenizer, args, nsamples: int, seqlen: int) -> dict:
     windows = calibration_windows(tokenizer, args.dataset, nsamples, seqlen, args.seed)
     tuned = f" after SignRound({args.metric_tune_iters} iters) per option" if args.metric_tune_iters else ""
     _say(args, f"scoring layers with {args.metric} on {len(windows)} windows{tuned}, solving with {args.solver}")
-    plan = make_plan(model, args.options, args.target_bits, windows, metric=args.metric, solver=args.solver,
-                     tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits, tune_iters=args.metric_tune_iters)
+    with Progress(f"scoring with {args.metric}", enabled=not getattr(args, "quiet", False)):
+        plan = make_plan(model, args.options, args.target_bits, windows, metric=args.metric, solver=args.solver,
+                         tie=not args.no_tie, fixed=fixed, min_bits=args.min_bits, tune_iters=args.metric_tune_iters)
     _say(args, f"plan: {plan['achieved_bits']:.3f} average bits (target {args.target_bits}); "
                f"metric {plan['seconds']['metric']:.1f}s, solver {plan['seconds']['solve']:.2f}s")
     return plan
@@ -297,6 +312,7 @@ def cmd_plan(args) -> None:
     check_out_dir(args.out, args.overwrite)
     if args.png:
         check_out_dir(args.png, args.overwrite)
+    check_source(args.dataset)
     model, tokenizer = load_model(args.model)
     seqlen = min(args.seqlen, context_length(model))
     plan = _make_plan(model, tokenizer, args, args.nsamples, seqlen)
@@ -317,13 +333,27 @@ def cmd_plan(args) -> None:
 def _eval(model, tokenizer, args) -> dict:
     from lowbit.api import evaluate
 
-    return evaluate(model, args.text, tokenizer=tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows)
+    return evaluate(model, args.text, tokenizer=tokenizer, seqlen=args.eval_seqlen, max_windows=args.eval_windows,
+                    progress=not getattr(args, "quiet", False))
 
 
-def _describe(algo) -> str:
-    import dataclasses
+def _describe(algo, scheme, overrides, device) -> str:
+    """The algorithm's settings as they take effect (defaults resolved), the device and threads."""
+    import torch
 
-    return ", ".join(f"{f.name}={getattr(algo, f.name)}" for f in dataclasses.fields(algo)) or "no settings"
+    from lowbit.pipeline import run_settings
+
+    schemes = [scheme, *(lowbit_scheme(s) for s in (overrides or {}).values())]
+    show = lambda v: ("on" if v else "off") if isinstance(v, bool) else (  # noqa: E731
+        ", ".join(f"{show(x)} ({k})" for k, x in v.items()) if isinstance(v, dict) else str(v))
+    settings = run_settings(algo, schemes, torch.device(device or "cpu"))
+    return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
+
+
+def lowbit_scheme(s):
+    from lowbit.schemes import get_scheme
+
+    return get_scheme(s) if isinstance(s, str) else s
 
 
 def _say(args, msg: str) -> None:
@@ -347,11 +377,17 @@ def cmd_export(args) -> None:
 def cmd_eval(args) -> None:
     from lowbit.api import load
 
+    check_source(args.text, "evaluation text")
     if not os.path.isfile(args.text):
         raise LowbitError(f"evaluation text not found: {args.text}")
     if not os.path.isdir(args.model):
         raise LowbitError(f"model folder not found: {args.model}")
-    model, tokenizer = load(args.model)
+    from lowbit.export import model_folder
+
+    folder = model_folder(args.model)
+    if folder != args.model:
+        _say(args, f"{args.model} holds several formats: evaluating {folder}")
+    model, tokenizer = load(folder)
     r = _eval(model, tokenizer, args)
     print(json.dumps({"model": args.model, "text": args.text, **r}))
     print(f"perplexity {r['ppl']:.4f} ({r['windows']} windows, {r['tokens']} tokens)", file=sys.stderr)

@@ -87,6 +87,12 @@ class Run:
     t_start: float = field(default_factory=time.perf_counter)
 
 
+def run_settings(algo: Algorithm, schemes, device: torch.device) -> dict:
+    """What a run does, every default resolved: the algorithm's settings for these schemes, the
+    device and the threads torch computes with."""
+    return {**algo.settings(list(schemes), device), "device": str(device), "threads": torch.get_num_threads()}
+
+
 def calibrated_inputs(schemes) -> list[str]:
     """The names of the schemes whose input type takes a calibrated scale (NVFP4's global scale)."""
     return sorted({s.name for s in schemes if s.act is not None and get_activation(s.act).calibrated})
@@ -185,6 +191,7 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
               layer_schemes(names, scheme, overrides), report, dtype=dtype)
     _warn_skipped(run)
     run.needs_data = needs_calibration(algo, run.schemes.values())
+    report["settings"] = run_settings(algo, run.schemes.values(), device)
     if run.needs_data:
         _capture(run, dataset, nsamples, seqlen)
     # The full-precision targets and the next block's inputs are computed under the autocast the

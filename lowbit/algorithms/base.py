@@ -55,6 +55,10 @@ class Algorithm(Protocol):
         """The autocast dtype the block runs in while it is tuned (None: the weights' own); the
         pipeline computes targets and next inputs under the same one."""
 
+    def settings(self, schemes: list[Scheme], device: torch.device) -> dict:
+        """The settings as they take effect for layers of these schemes on this device (every
+        None default resolved), for the header line and quantization.json."""
+
     def statistics(self, schemes: list[Scheme]) -> tuple[str, ...]:
         """Names of the input statistics (stats.COLLECTORS) to gather for a block whose layers
         have these schemes."""

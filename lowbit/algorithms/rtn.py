@@ -17,6 +17,9 @@ class RTN:
     def tuning_dtype(self, device):
         return None
 
+    def settings(self, schemes, device):
+        return {}
+
     def statistics(self, schemes):
         return ()
 

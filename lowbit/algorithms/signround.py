@@ -104,6 +104,18 @@ class SignRound:
     def statistics(self, schemes) -> tuple[str, ...]:
         return ("input_energy",) if any(self.uses_prescale(s.bits) for s in schemes) else ()
 
+    def settings(self, schemes, device) -> dict:
+        bits = sorted({s.bits for s in schemes})
+        per_bits = lambda f: f(bits[0]) if len(bits) == 1 else {f"{b}-bit": f(b) for b in bits}  # noqa: E731
+        amp = self.tuning_dtype(device) is not None
+        compile_ = ("off" if self.compile is False else "on" if self.compile
+                    else "per block (the step where a block's work is large enough)" if device.type == "cpu" and amp
+                    else "quantize-dequantize" if device.type == "cuda" else "off")
+        return {"iters": self.iters, "lr": per_bits(lambda b: round(self.layer_lr(b), 6)), "batch_size": self.batch_size,
+                "tune_minmax": self.tune_minmax, "minmax_max": self.minmax_max,
+                "prescale": per_bits(self.uses_prescale), "bf16": amp, "compile": compile_, "keep": self.keep,
+                "drop": self.drop}
+
     def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 where the block runs under autocast to it while tuned (see `amp`), else None.
         The pipeline computes the block's targets and outputs under the same autocast."""

@@ -22,8 +22,10 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 8,
     device=None,
+    on_batch=None,
 ) -> dict:
-    """{"ppl", "nll", "windows", "tokens"} of `model` on `text` (a string) or `tokens` (1-D ids)."""
+    """{"ppl", "nll", "windows", "tokens"} of `model` on `text` (a string) or `tokens` (1-D ids);
+    on_batch(windows) is called after each batch (progress)."""
     if tokens is None:
         if text is None or tokenizer is None:
             raise LowbitError("perplexity needs a text and a tokenizer, or tokens")
@@ -42,6 +44,8 @@ def perplexity(
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total += nll.item()
         count += ids[:, 1:].numel()
+        if on_batch is not None:
+            on_batch(len(ids))
     nll = total / count
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "tokens": count}
 

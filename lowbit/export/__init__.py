@@ -103,6 +103,7 @@ def detect_format(folder: str) -> type[Format] | None:
 def read_quantized(folder: str) -> QuantizeResult:
     """A QuantizeResult from a folder lowbit wrote in a format it reads back (fake, auto_round,
     gptq or compressed_tensors), for re-export: the model holds dequantized float weights, `layers` the codes."""
+    folder = model_folder(folder)
     fmt = detect_format(folder)
     if fmt is None:
         readable = ", ".join(n for n, f in FORMATS.items() if f.loads)
@@ -110,14 +111,32 @@ def read_quantized(folder: str) -> QuantizeResult:
     return fmt.read(folder)
 
 
+def model_folder(folder: str) -> str:
+    """The model folder in `folder`: itself, or for the parent folder of a multi-format export its
+    `fake` subfolder (else the only one lowbit loads)."""
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    subs = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "config.json")))
+    loadable = [d for d in subs if detect_format(os.path.join(folder, d)) is not None]
+    if "fake" in loadable:
+        return os.path.join(folder, "fake")
+    if len(loadable) == 1:
+        return os.path.join(folder, loadable[0])
+    if loadable:
+        raise LowbitError(f"{folder} holds several model folders ({', '.join(loadable)}): name one")
+    return folder
+
+
 def load(folder: str):
     """(model, tokenizer) of a local folder: a packed checkpoint with lowbit's QuantLinear (weights
-    stay packed), a fake folder or an original model as plain transformers models."""
+    stay packed), a compressed-tensors folder, a fake folder or an original model as plain
+    transformers models. The parent folder of a multi-format export loads its fake subfolder."""
     from lowbit.model import load_model
 
+    folder = model_folder(folder)
     fmt = detect_format(folder)
     return fmt.load(folder) if fmt is not None else load_model(folder)
 
 
 __all__ = ["FORMATS", "Format", "Layout", "Writer", "MAX_SHARD_SIZE", "parse_formats", "check_formats", "export", "save_fake", "read_quantized",
-           "detect_format", "load"]
+           "detect_format", "model_folder", "load"]

@@ -70,6 +70,7 @@ class Format:
     loads: bool = False  # lowbit can load it back (detect, load and read are implemented)
     options: tuple[str, ...] = ()  # the values of "name:option"; empty: the format takes none
     default_option: str | None = None
+    loaded_by: str = ""  # the tools that load it, for the summary a run ends with
 
     def __init__(self, option: str | None = None):
         self.option = option if option is not None else self.default_option

@@ -378,6 +378,7 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
 
 class CompressedTensors(Format):
     name, loads = "compressed_tensors", True
+    loaded_by = "vLLM, transformers with compressed-tensors, lowbit eval"
 
     def check(self, scheme):
         if scheme.dtype == "int" and scheme.act not in (None, "int8"):

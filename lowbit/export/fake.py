@@ -118,6 +118,7 @@ def _input_scales(folder: str, acts: dict[str, str]) -> dict:
 
 class Fake(Format):
     name, loads = "fake", True
+    loaded_by = "transformers, lowbit eval"
 
     def check(self, scheme):
         return None

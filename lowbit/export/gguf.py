@@ -518,6 +518,7 @@ class GGUF(Format):
     """One llama.cpp file, model-{type}.gguf (Llama architecture only); lowbit does not load it."""
 
     name = "gguf"
+    loaded_by = "llama.cpp"
     options = tuple(GGUF_TYPES)
     default_option = "q4_0"
 

@@ -294,7 +294,9 @@ class _Packed(Format):
 
 class AutoRound(_Packed):
     name, quant_method = "auto_round", "auto-round"
+    loaded_by = "transformers with auto-round, vLLM, lowbit eval"
 
 
 class GPTQ(_Packed):
     name, quant_method = "gptq", "gptq"
+    loaded_by = "GPTQModel, vLLM, lowbit eval"
