@@ -190,7 +190,8 @@ def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None
     overrides = _plan_overrides(args, plan, skeleton)
     before = None
     if args.text:
-        model, tokenizer = load_model(args.model)
+        with _step(args, f"loading {args.model}"):
+            model, tokenizer = load_model(args.model)
         before = _eval(model, tokenizer, args)
         del model
     _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} "
@@ -202,7 +203,8 @@ def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None
     after = None
     if args.text:
         folder = out if len(formats) == 1 else os.path.join(out, readable[0].tag)
-        model, tokenizer = load(folder)
+        with _step(args, f"loading {folder}"):
+            model, tokenizer = load(folder)
         after = _eval(model, tokenizer, args)
         result.report["eval"] = _eval_entry(args, before, after, model)
         for f in formats:  # the report each format holds gets the perplexities too
@@ -221,7 +223,8 @@ def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> Non
     from lowbit.export import export
     from lowbit.model import load_model
 
-    model, tokenizer = load_model(args.model)
+    with _step(args, f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
     check_formats(formats, [], model.config.model_type)
     seqlen = _seqlen(args, model)
     before = _eval(model, tokenizer, args) if args.text else None
@@ -240,7 +243,8 @@ def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> Non
     if args.text:
         after = _eval(model, tokenizer, args)
         result.report["eval"] = _eval_entry(args, before, after, model)
-    out = export(result, args.out, formats, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    with _step(args, f"writing {', '.join(f.tag for f in formats)}"):
+        out = export(result, args.out, formats, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     _summary(args, result, scheme, plan, before, after, out, formats)
 
 
@@ -313,7 +317,8 @@ def cmd_plan(args) -> None:
     if args.png:
         check_out_dir(args.png, args.overwrite)
     check_source(args.dataset)
-    model, tokenizer = load_model(args.model)
+    with _step(args, f"loading {args.model}"):
+        model, tokenizer = load_model(args.model)
     seqlen = min(args.seqlen, context_length(model))
     plan = _make_plan(model, tokenizer, args, args.nsamples, seqlen)
     write_plan(plan, args.out)
@@ -356,6 +361,11 @@ def lowbit_scheme(s):
     return get_scheme(s) if isinstance(s, str) else s
 
 
+def _step(args, desc: str) -> Progress:
+    """A step with no unit of work: a line when it starts, while it runs, and when it ends."""
+    return Progress(desc, enabled=not getattr(args, "quiet", False))
+
+
 def _say(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
         print(msg, file=sys.stderr)
@@ -368,8 +378,10 @@ def cmd_export(args) -> None:
     check_out_dir(args.out, args.overwrite)
     if not os.path.isdir(args.model):
         raise LowbitError(f"model folder not found: {args.model}")
-    result = read_quantized(args.model)
-    out = export(result, args.out, formats, overwrite=args.overwrite)
+    with _step(args, f"reading {args.model}"):
+        result = read_quantized(args.model)
+    with _step(args, f"writing {', '.join(f.tag for f in formats)}"):
+        out = export(result, args.out, formats, overwrite=args.overwrite)
     print(f"exported {len(result.layers)} quantized layers of {args.model} as {', '.join(f.tag for f in formats)}")
     print(f"wrote {out}")
 
@@ -387,7 +399,8 @@ def cmd_eval(args) -> None:
     folder = model_folder(args.model)
     if folder != args.model:
         _say(args, f"{args.model} holds several formats: evaluating {folder}")
-    model, tokenizer = load(folder)
+    with _step(args, f"loading {folder}"):
+        model, tokenizer = load(folder)
     r = _eval(model, tokenizer, args)
     print(json.dumps({"model": args.model, "text": args.text, **r}))
     print(f"perplexity {r['ppl']:.4f} ({r['windows']} windows, {r['tokens']} tokens)", file=sys.stderr)
