@@ -60,7 +60,7 @@ def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme
            "formats": [f.tag for f in formats], "max_shard_size": int(max_shard_size), "lowbit": __version__}
     state = _resume_state(partial, job, restart)
 
-    run = _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device)
+    run = _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device, progress)
     blocks_name, n = run.blocks_name, len(run.blocks)
     before, block_names, after = stream_order(stored_names(model), blocks_name, n)
     shapes = {f"{blocks_name}.{i}.{k}": tuple(m.weight.shape) for i, ls in enumerate(run.block_layers)
@@ -159,7 +159,8 @@ def open_checkpoint(model_dir: str):
     return ckpt, (model, tokenizer)
 
 
-def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device):
+def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device,
+             progress=False):
     """pipeline.prepare on the skeleton; the layers outside the blocks are loaded only for it to
     capture block 0's inputs, and freed after."""
     if isinstance(scheme, str):
@@ -171,7 +172,7 @@ def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, se
     outside = [n for n in stored_names(model) if not n.startswith(blocks_name + ".")]
     _assign(model, {n: _compute_dtype(ckpt.get(ckpt_name(model, n))) for n in outside})
     run = prepare(model, scheme, algo, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                  overrides=overrides, device=device)
+                  overrides=overrides, device=device, progress=progress)
     _assign(model, {n: torch.empty(ckpt.info[ckpt_name(model, n)]["shape"], device="meta") for n in outside})
     return run
 

@@ -42,6 +42,7 @@ from lowbit.model import (
     run_block,
     weight_params,
 )
+from lowbit.progress import Progress
 from lowbit.qdq.act import get_activation
 from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
 from lowbit.schemes import Scheme, get_scheme
@@ -83,6 +84,7 @@ class Run:
     done: dict[str, Scheme] = field(default_factory=dict)  # every layer quantized so far
     dtype: torch.dtype | None = None  # the original's float dtype (what writers store floats in)
     needs_data: bool = False  # calibration windows are run through the blocks (needs_calibration)
+    progress: bool = False  # show progress (run_blocks' progress)
     scratch: dict = field(default_factory=dict)  # the algorithm's, kept between blocks (Algorithm.quantize_block)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -138,7 +140,7 @@ def quantize(
     schemes. The model is changed in place (fake-quantized weights) and returned with the codes.
     `on_block(index, weights, stats)` is called after each block, its weights already in place."""
     run = prepare(model, scheme, algorithm, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
-                  seed=seed, overrides=overrides, device=device)
+                  seed=seed, overrides=overrides, device=device, progress=progress)
     run_blocks(run, progress=progress, on_block=on_block)
     return finish(run, lm_head)
 
@@ -152,6 +154,7 @@ def run_blocks(run: Run, start: int = 0, *, progress: bool = True,
     # The bar only on a terminal; the per-block lines always (logs and CI read them).
     bar = tqdm(range(start, n), desc="blocks", initial=start, total=n,
                disable=not (progress and sys.stderr.isatty()), file=sys.stderr)
+    run.progress = progress
     for i in bar:
         if before_block is not None:
             before_block(i)
@@ -165,7 +168,7 @@ def run_blocks(run: Run, start: int = 0, *, progress: bool = True,
 
 def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", dataset=None, *, tokenizer=None,
             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overrides: dict | None = None,
-            device: str | torch.device | None = None) -> Run:
+            device: str | torch.device | None = None, progress: bool = False) -> Run:
     """Everything before the first block: the model, each layer's scheme and, for an algorithm
     that needs data, the calibration windows and block 0's inputs."""
     if isinstance(scheme, str):
@@ -193,14 +196,14 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
     run.needs_data = needs_calibration(algo, run.schemes.values())
     report["settings"] = run_settings(algo, run.schemes.values(), device)
     if run.needs_data:
-        _capture(run, dataset, nsamples, seqlen)
+        _capture(run, dataset, nsamples, seqlen, progress)
     # The full-precision targets and the next block's inputs are computed under the autocast the
     # algorithm tunes in (bf16 where it is fast): the tuning itself sees no more precision than that.
     run.fwd_dtype = algo.tuning_dtype(device)
     return run
 
 
-def _capture(run: Run, dataset, nsamples: int, seqlen: int) -> None:
+def _capture(run: Run, dataset, nsamples: int, seqlen: int, progress: bool = False) -> None:
     """The calibration windows and block 0's inputs (and every block's keyword arguments)."""
     if dataset is None:
         if not run.algo.needs_data:
@@ -220,7 +223,8 @@ def _capture(run: Run, dataset, nsamples: int, seqlen: int) -> None:
     t0 = time.perf_counter()
     with blocks_detached(run.model, run.blocks_name):
         run.model.to(run.device)
-    run.q_in, run.kwargs = capture_block_inputs(run.model, run.blocks, windows, run.device)
+    with Progress(f"capturing block 1's inputs ({len(windows)} windows)", enabled=progress):
+        run.q_in, run.kwargs = capture_block_inputs(run.model, run.blocks, windows, run.device)
     run.fp_in = run.q_in
     run.report["calibration"]["capture_seconds"] = time.perf_counter() - t0
 
@@ -251,6 +255,7 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
             if n not in amax and any(m.rsplit(".", 1)[-1] == n.rsplit(".", 1)[-1] for m in amax):
                 amax[n] = max(v for m, v in amax.items() if m.rsplit(".", 1)[-1] == n.rsplit(".", 1)[-1])
         scales = {n: act.calibrate(amax[n]) for n, act in calibrated.items() if n in amax}
+    run.scratch["progress"] = f"block {i + 1}/{len(run.blocks)}" if run.progress else None
     # From here the block runs as quantized: its layers' inputs too, where the scheme says so.
     with inputs_quantized({n: (lin, s.act) for n, (lin, s) in layers.items()}, scales):
         result = algo.quantize_block(block, layers, data, run.seed + i, run.scratch)

@@ -19,8 +19,12 @@ from tqdm.auto import tqdm
 
 class Progress:
     def __init__(self, desc: str, total: int | None = None, enabled: bool = True, every: float = 5.0,
-                 unit: str = "it", file=None):
+                 unit: str = "it", file=None, announce: bool = True, first: float | None = None):
+        """announce=False: in a log only the periodic lines (a step inside another that reports
+        its own start and end, e.g. a block's iterations); first: seconds to the first periodic
+        line (default `every`)."""
         self.desc, self.total, self.enabled, self.every, self.unit = desc, total, enabled, every, unit
+        self.announce, self.first = announce, every if first is None else first
         self.file = file or sys.stderr
         self.done, self.t0 = 0, time.perf_counter()
         self.bar = None
@@ -36,8 +40,10 @@ class Progress:
         return f"{count}{elapsed:.0f}s"
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.every):
+        wait = self.first
+        while not self._stop.wait(wait):
             self._line(self._status())
+            wait = self.every
 
     def __enter__(self) -> "Progress":
         if not self.enabled:
@@ -46,7 +52,8 @@ class Progress:
         if self.file.isatty():
             self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=self.file, leave=False)
         else:
-            self._line("started" + (f" ({self.total} {self.unit})" if self.total else ""))
+            if self.announce:
+                self._line("started" + (f" ({self.total} {self.unit})" if self.total else ""))
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
         return self
@@ -64,5 +71,5 @@ class Progress:
             self._thread.join()
         if self.bar is not None:
             self.bar.close()
-        if exc[0] is None:
+        if exc[0] is None and self.announce and self.bar is None:
             self._line(f"done in {time.perf_counter() - self.t0:.1f}s")

@@ -115,3 +115,23 @@ def test_help_lists_the_scheme_grammar():
     text = " ".join(r.stdout.split())
     for piece in ("W<bits>A16[G<group>|PC][-asym]", "W4A8", "MXFP4", "NVFP4A16", "-<input type>"):
         assert piece in text
+
+
+def test_long_blocks_and_capture_show_progress(tmp_path):
+    """A block that tunes for long shows a line within 10 s of its start (a beat 5 s in); capturing
+    the calibration windows says when it starts and ends."""
+    need_assets()
+    from conftest import PYCODE
+
+    code, lines = timed_lines(["quantize", PYCODE, "--scheme", "W2A16G64", "--dataset", os.path.join(PYCODE, "calib.txt"),
+                               "--iters", "150", "--nsamples", "32", "--seqlen", "256", "--out", str(tmp_path / "q")])
+    assert code == 0
+    text = [line for _, line in lines]
+    assert any(line.startswith("capturing block 1's inputs") and "done in" in line for line in text)
+    captured = next(t for t, line in lines if line.startswith("capturing block 1's inputs") and "done in" in line)
+    starts = [captured] + [t for t, line in lines if line.startswith("block ") and " loss " in line]
+    beats = [t for t, line in lines if ": tuning: " in line]
+    assert any(b - a > 10 for a, b in zip(starts, starts[1:])), "no block took long enough to check"
+    for a, b in zip(starts, starts[1:]):
+        if b - a > 10:  # a block that took long had a line inside it within 10 s
+            assert any(a < t <= a + 10 for t in beats), lines

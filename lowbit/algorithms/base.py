@@ -67,4 +67,5 @@ class Algorithm(Protocol):
                        run: dict) -> BlockResult:
         """Quantize one block. `run` is a scratch dict the pipeline creates once per quantize call
         and hands to every block: what an algorithm learns on one block (a compile that failed)
-        carries to the next blocks of the same run and no further."""
+        carries to the next blocks of the same run and no further. The pipeline sets its
+        "progress" to a label ("block 3/30") when progress is shown, else None."""

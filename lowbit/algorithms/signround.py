@@ -28,6 +28,7 @@ from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors
 from lowbit.errors import LowbitError
 from lowbit.host import before_compile
+from lowbit.progress import Progress
 from lowbit.model import block_output
 from lowbit.qdq import from_groups, get_dtype, n_groups, to_groups
 from lowbit.quantized import quantize_weight
@@ -348,24 +349,31 @@ class _Tuner:
         keep_best = cfg.keep == "best"
         best_loss, best = float("inf"), [p.detach().clone() for p in params] if keep_best else None
         losses = []
-        for t in range(cfg.iters):
-            idx = next(self.batches)
-            value = self.first_step(idx, params) if t == 0 else self.loss_and_backward(idx)
-            losses.append(value)
-            if value < best_loss:  # the parameters this loss was computed with (not yet stepped)
-                best_loss = value
-                if keep_best:
-                    for kept, p in zip(best, params):
-                        kept.copy_(p.detach())
-            for b in self.buckets:
-                b.step(1 - t / cfg.iters, cfg.tune_minmax, cfg.minmax_max)
-            for p in params:
-                p.grad = None
+        label = self.run.get("progress")  # set by the pipeline when it shows progress
+        with Progress(f"{label}: tuning", total=cfg.iters, enabled=label is not None, unit="iters",
+                      announce=False, first=5.0, every=30.0) as bar:
+            for t in range(cfg.iters):
+                idx = next(self.batches)
+                losses.append(self.first_step(idx, params) if t == 0 else self.loss_and_backward(idx))
+                if losses[-1] < best_loss:  # the parameters this loss was computed with (not yet stepped)
+                    best_loss = losses[-1]
+                    if keep_best:
+                        for kept, p in zip(best, params):
+                            kept.copy_(p.detach())
+                self.signed_step(t, params)
+                bar.update()
         if keep_best:
             with torch.no_grad():
                 for p, q in zip(params, best):
                     p.copy_(q)
         return losses, best_loss
+
+    def signed_step(self, t: int, params) -> None:
+        """Iteration t's signed-gradient step (the learning rate decays linearly to 0)."""
+        for b in self.buckets:
+            b.step(1 - t / self.cfg.iters, self.cfg.tune_minmax, self.cfg.minmax_max)
+        for p in params:
+            p.grad = None
 
 
 def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, seed: int = 0,
