@@ -327,12 +327,12 @@ def cmd_plan(args) -> None:
         counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
     print(f"plan for {len(plan['layers'])} layers: {', '.join(f'{n} x {o}' for o, n in counts.items())}; "
           f"{plan['achieved_bits']:.3f} average bits (target {args.target_bits})")
-    print(f"wrote {args.out}")
+    print(f"wrote {os.path.abspath(args.out)}")
     if args.png:
         from lowbit.allocate.picture import draw_plan
 
         draw_plan(plan, args.png)
-        print(f"wrote {args.png}")
+        print(f"wrote {os.path.abspath(args.png)}")
 
 
 def _eval(model, tokenizer, args) -> dict:
