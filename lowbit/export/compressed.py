@@ -46,8 +46,8 @@ from lowbit.errors import LowbitError
 from lowbit.experts import checkpoint_name, model_name, split_experts
 from lowbit.export.base import Format, Layout, Writer
 from lowbit.export.fake import save_config
-from lowbit.export.packed import _read_tensors, checkpoint_config
-from lowbit.model import ckpt_name, materialize_buffers
+from lowbit.export.packed import _read_tensors, checkpoint_config, finish_loading
+from lowbit.model import ckpt_name
 from lowbit.qdq.act import get_activation
 from lowbit.qdq.pack import pack_rows, pad_to, unpack_rows
 from lowbit.quantized import QuantizedWeight, QuantizeResult
@@ -356,23 +356,8 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
     left = [k for k in tensors if k.rsplit(".", 1)[-1].startswith(("weight_", "input_"))]
     if left:
         raise LowbitError(f"{path}: tensors of no configured layer: {', '.join(left[:3])}")
-    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(rest, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-        if out is not None and out.weight.device.type == "meta":
-            out.weight = inp.weight
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
-    materialize_buffers(model)
-    model.eval()
+    tokenizer = finish_loading(model, config, tensors, path, dtype)
     quantize_model_inputs(model, {n: a for n, a in acts.items() if a}, input_scales(layers))
-    tokenizer = None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # a checkpoint without tokenizer files is still a model
-        pass
     return model, tokenizer, layers
 
 

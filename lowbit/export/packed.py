@@ -196,6 +196,29 @@ def _quant_linear(name: str, lin: nn.Linear, tensors: dict, qcfg: dict, dtype, c
     return q
 
 
+def finish_loading(model, config, tensors: dict, path: str, dtype: torch.dtype):
+    """Give a model built on the meta device its remaining float tensors (in dtype), re-tie a
+    tied output embedding, refuse a checkpoint that leaves any weight out; the folder's tokenizer
+    (None without one)."""
+    import transformers
+
+    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(rest, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight.device.type == "meta":
+            out.weight = inp.weight
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    materialize_buffers(model)
+    model.eval()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a checkpoint without tokenizer files is still a model
+        return None
+
+
 def load_packed(path: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) with a QuantLinear for every packed layer of an auto_round/gptq folder."""
     import transformers
@@ -217,23 +240,7 @@ def load_packed(path: str, dtype: torch.dtype = torch.float32):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, _quant_linear(name, model.get_submodule(name), tensors, qcfg, dtype,
                                                                  checkpoint_name(config.model_type, name)))
-    rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(rest, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
-        if out is not None and out.weight.device.type == "meta":
-            out.weight = inp.weight
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise LowbitError(f"{path} lacks weights for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
-    materialize_buffers(model)
-    model.eval()
-    tokenizer = None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # a checkpoint without tokenizer files is still a model
-        pass
-    return model, tokenizer
+    return model, finish_loading(model, config, tensors, path, dtype)
 
 
 def to_float(model) -> dict[str, QuantizedWeight]:
