@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import transformers  # noqa: E402
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.export import export  # noqa: E402
+from lowbit.export.packed import read_tensors  # noqa: E402
 from lowbit.model import ckpt_name  # noqa: E402
 
 ASSETS = os.path.join(HERE, "..", "..", "shared", "assets")
@@ -40,20 +40,11 @@ PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
 SCHEMES = "W4A16,W4A16G32,W3A16G64,W2A16G64,W8A16PC,W8A8,MXFP4A16,NVFP4A16,MXFP8A16,FP8A16,MXFP4,NVFP4,MXFP8,FP8"
 
 
-def _tensors(folder):
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.startswith("model") and f.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, f), "pt") as s:
-                out |= {k: s.get_tensor(k) for k in s.keys()}
-    return out
-
-
 def exact(result, folder) -> bool:
     """The package's compressor for each config group unpacks every layer to lowbit's weights."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
-    tensors = _tensors(folder)
+    tensors = read_tensors(folder)
     for name, q in result.layers.items():
         c = ckpt_name(result.model, name)
         if f"{c}.weight_scale" not in tensors:
@@ -86,7 +77,7 @@ def main():
             out = os.path.join(tmp, name)
             export(r, out, "fake,compressed_tensors")
             ct = os.path.join(out, "compressed_tensors")
-            tensors = _tensors(ct)
+            tensors = read_tensors(ct)
             block = sum(v.numel() * v.element_size() for k, v in tensors.items()
                         if ".layers." in k and k.rsplit(".", 1)[1].startswith(("weight_", "input_")) or
                         (".layers." in k and k.endswith(".weight") and k[:-7] in {ckpt_name(m, n) for n in r.layers}))

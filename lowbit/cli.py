@@ -348,17 +348,14 @@ def _describe(algo, scheme, overrides, device) -> str:
 
     from lowbit.pipeline import run_settings
 
-    schemes = [scheme, *(lowbit_scheme(s) for s in (overrides or {}).values())]
+    from lowbit.schemes import as_scheme
+
+    schemes = [as_scheme(s) for s in (scheme, *(overrides or {}).values())]
     show = lambda v: ("on" if v else "off") if isinstance(v, bool) else (  # noqa: E731
         ", ".join(f"{show(x)} ({k})" for k, x in v.items()) if isinstance(v, dict) else str(v))
     settings = run_settings(algo, schemes, torch.device(device or "cpu"))
     return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
 
-
-def lowbit_scheme(s):
-    from lowbit.schemes import get_scheme
-
-    return get_scheme(s) if isinstance(s, str) else s
 
 
 def _step(args, desc: str) -> Progress:

@@ -29,7 +29,7 @@ from lowbit.export import MAX_SHARD_SIZE, Layout, check_formats, parse_formats
 from lowbit.model import ckpt_name, load_skeleton, load_weights, release, stored_names, stream_order
 from lowbit.pipeline import finish, needs_calibration, prepare, run_blocks
 from lowbit.quantized import QuantizeResult
-from lowbit.schemes import Scheme, get_scheme
+from lowbit.schemes import Scheme, as_scheme, get_scheme
 from lowbit.version import __version__
 
 
@@ -163,9 +163,7 @@ def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, se
              progress=False):
     """pipeline.prepare on the skeleton; the layers outside the blocks are loaded only for it to
     capture block 0's inputs, and freed after."""
-    if isinstance(scheme, str):
-        scheme = get_scheme(scheme)
-    planned = [scheme, *(get_scheme(s) if isinstance(s, str) else s for s in (overrides or {}).values())]
+    planned = [as_scheme(s) for s in (scheme, *(overrides or {}).values())]
     if not needs_calibration(algo, planned):
         return prepare(model, scheme, algo, dataset, tokenizer=tokenizer, seed=seed, overrides=overrides, device=device)
     blocks_name = _blocks_name(model)

@@ -45,7 +45,7 @@ from lowbit.model import (
 from lowbit.progress import Progress
 from lowbit.qdq.act import get_activation
 from lowbit.quantized import QuantizedWeight, QuantizeResult, quantize_weight
-from lowbit.schemes import Scheme, get_scheme
+from lowbit.schemes import Scheme, as_scheme, get_scheme
 
 # An expert that sees fewer calibration tokens than this keeps the weights tuning started from
 # (the activation-weighted range search, or round to nearest): too little data to tune on.
@@ -112,7 +112,7 @@ def layer_schemes(names: list[str], default: Scheme, overrides: dict | None) -> 
         scheme = default
         for pattern, s in (overrides or {}).items():
             if pattern == name or re.fullmatch(pattern, name):
-                scheme = get_scheme(s) if isinstance(s, str) else s
+                scheme = as_scheme(s)
                 break
         out[name] = scheme
     return out

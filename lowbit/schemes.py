@@ -119,6 +119,11 @@ def _parse(key: str) -> Scheme | None:
     return Scheme(bits, group, dtype=dtype, act=act)
 
 
+def as_scheme(s: "Scheme | str") -> Scheme:
+    """A Scheme given as itself or by name."""
+    return get_scheme(s) if isinstance(s, str) else s
+
+
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
     """A scheme by name (case-insensitive): a preset, W<bits>A16|A8[G<group>|PC][-asym] (group 128
     when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8 with its

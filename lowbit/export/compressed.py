@@ -31,9 +31,8 @@ the one the pipeline calibrated (lowbit.activations).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+import re
 import warnings
 from collections import defaultdict
 
@@ -44,9 +43,8 @@ from lowbit.activations import INPUT_SCALE, input_scales, quantize_model_inputs
 from lowbit.checkpoint import ShardWriter
 from lowbit.errors import LowbitError
 from lowbit.experts import checkpoint_name, model_name, split_experts
-from lowbit.export.base import Format, Layout, Writer
-from lowbit.export.fake import save_config
-from lowbit.export.packed import _read_tensors, checkpoint_config, finish_loading
+from lowbit.export.base import Format, Layout
+from lowbit.export.packed import ConfiguredWriter, checkpoint_config, finish_loading, read_tensors
 from lowbit.model import ckpt_name
 from lowbit.qdq.act import get_activation
 from lowbit.qdq.pack import pack_rows, pad_to, unpack_rows
@@ -196,7 +194,7 @@ def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict:
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
-        "version": "0.20.1",
+        "version": "0.20.1",  # the compressed-tensors release whose layouts these are
         "quant_tool": f"lowbit {__version__}",
     }
 
@@ -213,9 +211,9 @@ def _float_matrices(layout: Layout, quantized) -> list[str]:
     return sorted(c for c in (ckpt_name(m, n) for n in names) if c not in quantized)
 
 
-class CompressedWriter(Writer):
+class CompressedWriter(ConfiguredWriter):
     def __init__(self, folder: str, layout: Layout, state: dict | None = None):
-        self.folder, self.layout = folder, layout
+        self.folder, self.layout, self.fmt = folder, layout, "compressed_tensors"
         self.dtype = layout.dtype if layout.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float16
         if self.dtype == torch.float32 and any(s.dtype in ("mxfp", "nvfp") for s in layout.schemes.values()):
             self.dtype = torch.bfloat16  # compressed-tensors unpacks MX and NV weights to bfloat16
@@ -236,16 +234,6 @@ class CompressedWriter(Writer):
                 self.model.add(k, v)
             return
         self.model.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
-
-    def commit(self):
-        return self.model.commit()
-
-    def close(self, report):
-        self.model.close()
-        save_config(self.layout, self.folder, self.dtype, {"quantization_config": self.config})
-        with open(os.path.join(self.folder, "quantization.json"), "w") as f:
-            json.dump({"format": "compressed_tensors", **report}, f, indent=2, default=str)
-
 
 # ---------------------------------------------------------------------------------------------
 # reading back
@@ -309,8 +297,7 @@ def _read_layer(name: str, s: Scheme, t: dict, in_f: int, out_f: int) -> Quantiz
 
 
 def _matches(name: str, targets: list[str], module: nn.Module) -> bool:
-    import re
-
+    """compressed-tensors' target rule: an exact module name, a class name, or "re:" and a regex."""
     for t in targets:
         if t == name or t == type(module).__name__ or (t.startswith("re:") and re.match(t[3:], name)):
             return True
@@ -336,7 +323,7 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     split_experts(model)
     mt = config.model_type
-    tensors = {model_name(mt, k): v for k, v in _read_tensors(path).items()}
+    tensors = {model_name(mt, k): v for k, v in read_tensors(path).items()}
     ignore = set(qcfg.get("ignore") or [])
     groups = [(g.get("targets", []), _scheme_of(g)) for g in qcfg.get("config_groups", {}).values()]
     layers, acts = {}, {}

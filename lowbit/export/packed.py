@@ -126,7 +126,22 @@ def packed_tensors(name: str, q: QuantizedWeight, offset: int, g_idx: bool) -> d
     return t
 
 
-class PackedWriter(Writer):
+class ConfiguredWriter(Writer):
+    """The writers of formats whose config.json carries a quantization_config: model*.safetensors,
+    then config.json (in `dtype`) and quantization.json. Subclasses set folder, layout, fmt,
+    dtype, config, model (a ShardWriter) and implement add."""
+
+    def commit(self):
+        return self.model.commit()
+
+    def close(self, report):
+        self.model.close()
+        save_config(self.layout, self.folder, self.dtype, {"quantization_config": self.config})
+        with open(os.path.join(self.folder, "quantization.json"), "w") as f:
+            json.dump({"format": self.fmt, **report}, f, indent=2, default=str)
+
+
+class PackedWriter(ConfiguredWriter):
     """model*.safetensors with X.qweight / X.qzeros / X.scales (/ X.g_idx) for each packed layer,
     every other float tensor in float16 (bfloat16 when the original is bfloat16)."""
 
@@ -146,15 +161,6 @@ class PackedWriter(Writer):
             return
         self.model.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
-    def commit(self):
-        return self.model.commit()
-
-    def close(self, report):
-        self.model.close()
-        save_config(self.layout, self.folder, self.dtype, {"quantization_config": self.config})
-        with open(os.path.join(self.folder, "quantization.json"), "w") as f:
-            json.dump({"format": self.fmt, **report}, f, indent=2, default=str)
-
 
 # ---------------------------------------------------------------------------------------------
 # loading
@@ -168,7 +174,8 @@ def checkpoint_config(path: str) -> dict | None:
         return None
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the model*.safetensors checkpoint in `path` (sharded or not), by name."""
     ckpt = Checkpoint(path)
     return {n: ckpt.get(n) for n in ckpt.names}
 
@@ -234,7 +241,7 @@ def load_packed(path: str, dtype: torch.dtype = torch.float32):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     split_experts(model)
-    tensors = {model_name(config.model_type, k): v for k, v in _read_tensors(path).items()}
+    tensors = {model_name(config.model_type, k): v for k, v in read_tensors(path).items()}
     for key in [k for k in tensors if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         parent, _, child = name.rpartition(".")
