@@ -36,7 +36,8 @@ def _add_alloc_args(p, required: bool = False):
                         "(default 50; 0: score rounded weights, much faster, worse plans)")
 
 
-FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, gguf:q4_0|q8_0|q4_k|f16|f32; "
+FORMAT_HELP = ("fake (default: dequantized weights + codes), auto_round, gptq, compressed_tensors, "
+               "gguf:q2_k|q3_k|q4_k|q5_k|q6_k|q4_0|q5_0|q8_0|f16|f32; "
                "several at once, comma-separated, go to one subfolder each")
 
 
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per output channel (W4A16, W3A16G64, W2A16G32, W8A16PC, W4A16G128-asym); with int8 inputs "
                         "per token: W<bits>A8 (W4A8, W8A8). Float types with their own inputs: MXFP4, MXFP8, NVFP4, "
                         "FP8; weights only: MXFP4A16, MXFP8A16, NVFP4A16, FP8A16, FP8G128A16; other inputs: "
-                        "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). Default W4A16")
+                        "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). llama.cpp's block types, tuned on their grid: "
+                        "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q5_0, gguf:q8_0. "
+                        "Default W4A16")
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")

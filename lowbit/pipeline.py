@@ -118,6 +118,22 @@ def layer_schemes(names: list[str], default: Scheme, overrides: dict | None) -> 
     return out
 
 
+def fit_schemes(schemes: dict[str, Scheme], in_features: dict[str, int]) -> dict[str, Scheme]:
+    """Each layer's scheme, or the stand-in its data type names for a layer it cannot store
+    (DataType.fallback: llama.cpp's k-quants need rows of whole 256-weight super-blocks), with one
+    warning that lists what was replaced."""
+    out, changed = {}, {}
+    for name, s in schemes.items():
+        other = s.data_type.fallback(in_features[name])
+        out[name] = s if other is None else get_scheme(f"gguf:{other}")
+        if other is not None:
+            changed.setdefault((s.name, out[name].name, in_features[name]), []).append(name)
+    for (a, b, n), names in changed.items():
+        warnings.warn(f"lowbit: {len(names)} layers with {n} inputs cannot be {a} (not whole blocks): {b} instead "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})", stacklevel=3)
+    return out
+
+
 def quantize(
     model,
     scheme: Scheme | str = "W4A16",
@@ -190,8 +206,10 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
         "algorithm": {"name": algo.name, **asdict(algo)},
         "blocks": [],
     }
-    run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers,
-              layer_schemes(names, scheme, overrides), report, dtype=dtype)
+    schemes = fit_schemes(layer_schemes(names, scheme, overrides),
+                          {f"{blocks_name}.{i}.{n}": lin.in_features for i, ls in enumerate(block_layers) for n, lin in ls.items()})
+    run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers, schemes, report,
+              dtype=dtype)
     _warn_skipped(run)
     run.needs_data = needs_calibration(algo, run.schemes.values())
     report["settings"] = run_settings(algo, run.schemes.values(), device)

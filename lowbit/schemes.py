@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from lowbit.errors import LowbitError
 from lowbit.qdq import get_dtype
 from lowbit.qdq.act import get_activation
+from lowbit.qdq.kquant import FORMATS as KQUANT_FORMATS
 
 # The group size a float type's name implies (MX blocks of 32, NVFP4 of 16, FP8 per channel).
 FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1}
@@ -52,6 +53,8 @@ class Scheme:
     def name(self) -> str:
         """The name get_scheme reads back: W4A16G64, W4A8 (int8 inputs), MXFP4 (W4A4),
         MXFP4A16 (weights only), NVFP4, FP8 (W8A8), FP8G128A16, ..."""
+        if self.dtype in KQUANT_FORMATS:
+            return f"gguf:{self.dtype}" + ("" if self.act is None else f"-{self.act}")
         if self.dtype == "int":
             g = "" if self.group_size == 128 else (f"G{self.group_size}" if self.group_size > 0 else "PC")
             act = {None: "A16", "int8": "A8"}.get(self.act, f"A16-{self.act}")
@@ -93,7 +96,10 @@ PRESETS = {
     "W8A16": Scheme(8, 128),
     "W2A16G64": Scheme(2, 64),
     "W2A16G32": Scheme(2, 32),
+    # llama.cpp's block types, tuned on their own grid (auto-round's spelling; Q2_K works too)
+    **{f"GGUF:{k.upper()}": Scheme(f.bits, f.group, not f.mins, dtype=k) for k, f in KQUANT_FORMATS.items()},
 }
+PRESETS.update({k.upper(): PRESETS[f"GGUF:{k.upper()}"] for k in KQUANT_FORMATS})
 
 
 _INT = re.compile(r"W(\d+)A(16|8)(?:G(\d+)|(PC))?(?:-(MXFP4|MXFP8|NVFP4|FP8))?(-ASYM)?")
@@ -132,6 +138,6 @@ def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None
     key = name.strip().upper()
     base = PRESETS.get(key) or _parse(key)
     if base is None:
-        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(PRESETS)}; or e.g. W3A16G64, W4A16PC-asym, "
+        raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(k for k in PRESETS if k.lower() not in KQUANT_FORMATS)}; or e.g. W3A16G64, W4A16PC-asym, "
                           "MXFP4A16)")
     return base.replace(group_size=group_size, sym=sym)

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.qdq import DTYPES, from_groups, to_groups
+from lowbit.qdq.kquant import FORMATS as KQUANT_FORMATS
 from lowbit.quantized import QuantizedWeight, quantize_weight
 from lowbit.schemes import Scheme
 
@@ -19,13 +21,22 @@ def weight(out_f=48, in_f=100, seed=0):  # 100 inputs: a last partial group of 4
     return torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
 
 
+def width(dt, n: int) -> int:
+    """n, or 512 for a type that needs whole blocks of weights per row (llama.cpp's k-quants)."""
+    try:
+        return n if dt.fallback(n) is None else 512
+    except LowbitError:
+        return 512
+
+
 def test_every_type_takes_some_setting():
     assert {s[0] for s in SETTINGS} == set(DTYPES)
 
 
 @pytest.mark.parametrize("name,bits,group,sym", SETTINGS)
 def test_codes_levels_and_round_trip(name, bits, group, sym):
-    dt, scheme, w = DTYPES[name], Scheme(bits, group, sym, dtype=name), weight()
+    dt, scheme = DTYPES[name], Scheme(bits, group, sym, dtype=name)
+    w = weight(in_f=width(dt, 100))
     q = quantize_weight(w, scheme)
     assert q.codes.dtype == torch.uint8 and q.codes.shape == w.shape
     assert int(q.codes.max()) < dt.levels(bits)
@@ -39,12 +50,16 @@ def test_codes_levels_and_round_trip(name, bits, group, sym):
     assert torch.equal(fq, dq)
     # quantizing what was dequantized changes nothing (up to float rounding of the scale)
     again = quantize_weight(dq, scheme).dequantize()
-    torch.testing.assert_close(again, dq, rtol=0, atol=1e-5 * float(w.abs().max()))
+    if name in KQUANT_FORMATS:  # its sub-block scales are re-fitted on a new super-block grid: close only
+        assert (again - dq).pow(2).mean() <= (dq - w).pow(2).mean()
+    else:
+        torch.testing.assert_close(again, dq, rtol=0, atol=1e-5 * float(w.abs().max()))
 
 
 @pytest.mark.parametrize("name,bits,group,sym", SETTINGS)
 def test_tuned_path_matches_reference(name, bits, group, sym):
-    dt, w = DTYPES[name], weight(16, 64, seed=1)
+    dt = DTYPES[name]
+    w = weight(16, width(dt, 64), seed=1)
     wg = to_groups(w, group)
     gen = torch.Generator().manual_seed(2)
     v0 = (torch.rand(wg.shape, generator=gen) - 0.5) * 0.8

@@ -5,6 +5,9 @@ What is quantized, and how:
   chosen block type. Everything else keeps the model's own float values: the token embedding, the
   norms (always f32, as llama.cpp wants), and an lm_head that lowbit did not quantize. So the file
   computes what lowbit's fake-quantized model computes, up to the block format.
+- A layer quantized to one of llama.cpp's own types (schemes gguf:q2_k ... gguf:q8_0, tuned on
+  that type's grid, lowbit/qdq/kquant.py) is stored in that type from its codes and scales, bit for
+  bit, whatever the file's type: a mixed plan gives a file of mixed types.
 - EXACT path: a layer quantized symmetric with 4 bits (for q4_0) or 8 bits (for q8_0) and a group
   size that is a multiple of 32 (or per channel, -1) is stored from its integer codes and scales:
   lowbit's symmetric codes (zero point 2^(b-1), signed scale) are exactly Q4_0's d*(q-8) and
@@ -31,6 +34,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.export.base import Format, Layout, Writer, ordered_tensors
+from lowbit.qdq import ggml
+from lowbit.qdq.kquant import FORMATS as KFORMATS, quantize as kquantize
 from lowbit.quantized import QuantizeResult
 
 FLOAT_TYPES = ("f32", "f16")
@@ -187,6 +192,8 @@ class GGUFType:
 
     def check(self, scheme) -> str | None:
         name = f"gguf:{self.name}"
+        if scheme.dtype in KFORMATS and scheme.act is None:
+            return None  # written in its own type (k-quant layers are stored as tuned)
         if scheme.dtype != "int" or scheme.act is not None:
             return f"{name} stores integer weights with 16-bit inputs, not {scheme.name}; use --format fake"
         if self.bits is not None and scheme.bits != self.bits:
@@ -204,11 +211,25 @@ class GGUFType:
                 and bool((q.zero == 2 ** (q.bits - 1)).all()))
 
 
+def _requantize(name: str) -> Callable:
+    def requantize(wt: np.ndarray) -> np.ndarray:
+        codes, scale, zero, extras = kquantize(KFORMATS[name], torch.from_numpy(wt))
+        return ggml.pack(name, codes, scale, zero, extras)
+
+    return requantize
+
+
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("q4_0", "Q4_0", "MOSTLY_Q4_0", bits=4, group=32, sym=True, exact=encode_q4_0_exact),
     GGUFType("q8_0", "Q8_0", "MOSTLY_Q8_0", bits=8, group=32, sym=True, exact=encode_q8_0_exact),
     # requantized to llama.cpp's 6-bit sub-block scales: any 4-bit scheme; every weight Q4_K (no Q6_K mix)
     GGUFType("q4_k", "Q4_K", "MOSTLY_Q4_K_S", bits=4, requantize=encode_q4_k),
+    # int layers requantized by round-to-nearest on the type's grid (kquant.quantize); layers tuned
+    # with the matching gguf: scheme are stored exactly
+    *(GGUFType(k, f.ggml, file_type, bits=f.bits, requantize=_requantize(k))
+      for k, f, file_type in [("q2_k", KFORMATS["q2_k"], "MOSTLY_Q2_K"), ("q3_k", KFORMATS["q3_k"], "MOSTLY_Q3_K_S"),
+                              ("q5_k", KFORMATS["q5_k"], "MOSTLY_Q5_K_S"), ("q6_k", KFORMATS["q6_k"], "MOSTLY_Q6_K"),
+                              ("q5_0", KFORMATS["q5_0"], "MOSTLY_Q5_0")]),
     GGUFType("f16", None, "MOSTLY_F16", float_type="f16"),
     GGUFType("f32", None, "ALL_F32", float_type="f32"),
 )}
@@ -384,6 +405,12 @@ def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, 
     if q is not None and tuple(q.codes.shape) != tuple(p.shape):
         raise LowbitError(f"quantized layer {gname} has shape {tuple(q.codes.shape)}, the model's weight {tuple(p.shape)}")
     cols = p.shape[1]
+    if q is not None and q.scheme.dtype in KFORMATS:  # stored in its own type, exactly
+        fmt = KFORMATS[q.scheme.dtype]
+        rows = torch.as_tensor(order) if order is not None else slice(None)
+        extras = {k: v[rows] for k, v in q.extras.items()}
+        data = ggml.pack(q.scheme.dtype, q.codes[rows], q.scale[rows], None if q.zero is None else q.zero[rows], extras)
+        return data, getattr(gguf.GGMLQuantizationType, fmt.ggml), f"{q.scheme.dtype} exact"
     block = gguf.GGML_QUANT_SIZES[block_type][0] if block_type is not None else None
     if q is None or cols % block:  # a quantized layer from its codes: the same bytes from any dtype
         arr = _float_array(p if q is None else q.dequantize(torch.float32), float_type)

@@ -24,6 +24,11 @@ class DataType:
         """Why this type cannot take these settings, or None when it can."""
         raise NotImplementedError
 
+    def fallback(self, in_features: int) -> str | None:
+        """None when this type stores rows of in_features weights; else the name of the data type
+        that stands in for it on such a layer (llama.cpp's block types need whole blocks)."""
+        return None
+
     def levels(self, bits: int) -> int:
         """How many distinct codes a weight can take."""
         raise NotImplementedError

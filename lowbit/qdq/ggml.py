@@ -1,0 +1,101 @@
+"""The bytes of llama.cpp's block types (kquant.py's formats), packed from lowbit's codes and
+scales exactly: what llama.cpp decodes from them is what kquant.dequantize computes.
+
+Layouts (ggml-common.h; bytes in this order per super-block of 256, or block of 32):
+    Q2_K  scales[16] (sc | m << 4), qs[64] (2-bit), d, dmin
+    Q3_K  hmask[32] (each code's bit 2), qs[64] (bits 0-1), scales[12] (16 x 6 bits), d
+    Q4_K  d, dmin, scales[12] (8 scales and 8 mins, 6 bits each), qs[128] (4-bit)
+    Q5_K  d, dmin, scales[12], qh[32] (each code's bit 4), qs[128] (bits 0-3)
+    Q6_K  ql[128] (bits 0-3), qh[64] (bits 4-5), scales[16] (int8), d
+    Q4_0  d, qs[16];  Q5_0  d, qh[4], qs[16];  Q8_0  d, qs[32] (int8)
+d and dmin are float16. A 2-bit field of code e in a 128-code half sits in byte e % 32 of its 32
+(or 64) bytes at shift 2 * ((e % 128) // 32); nibbles likewise by 32 (Q4_K/Q5_K) or 64 (Q6_K).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.qdq.kquant import FORMATS, KFormat
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(*x.shape[:-1], -1)
+
+
+def _fields(c: np.ndarray, width: int, span: int) -> np.ndarray:
+    """Pack `width`-bit fields: c [n, k * span] -> bytes [n, k // (8 // width) * span]; field j of a
+    run of 8 // width spans sits at shift j * width."""
+    n = c.shape[0]
+    per = 8 // width
+    c = c.reshape(n, -1, per, span).astype(np.uint8)
+    out = np.zeros((n, c.shape[1], span), dtype=np.uint8)
+    for j in range(per):
+        out |= c[:, :, j] << np.uint8(j * width)
+    return out.reshape(n, -1)
+
+
+def _bits(c: np.ndarray, bit: int) -> np.ndarray:
+    """Bit `bit` of every code, 8 codes 32 apart per byte: [n, 256] -> [n, 32]."""
+    return _fields((c >> bit) & 1, 1, 32)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes for 8 scales and 8 mins of 6 bits: [n, 8] each -> [n, 12]."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    lo = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    mid = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    hi = (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)
+    return np.concatenate([lo, mid, hi], axis=1)
+
+
+def _q3_scales(s6: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 bytes for 16 unsigned 6-bit scales: low nibbles two per byte, high 2 bits four per byte."""
+    s6 = s6.astype(np.uint8)
+    lo = (s6[:, :8] & 15) | ((s6[:, 8:] & 15) << 4)
+    hi = np.zeros((s6.shape[0], 4), dtype=np.uint8)
+    for k in range(4):
+        hi |= ((s6[:, 4 * k: 4 * k + 4] >> 4) & 3) << np.uint8(2 * k)
+    return np.concatenate([lo, hi], axis=1)
+
+
+def _small_ints(dl: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The sub-block integers sc = dl / d (exact: dl was computed as d * sc)."""
+    safe = np.where(d == 0, 1.0, d)
+    return np.where(d == 0, 0, np.rint(dl / safe)).astype(np.int32)
+
+
+def pack(name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, extras: dict) -> np.ndarray:
+    """Bytes [out, n_blocks * block_bytes] of a weight quantized by kquant.quantize (codes uint8
+    [out, in], scale and zero [out, n_groups], extras super_scale / super_min [out, n_super])."""
+    fmt: KFormat = FORMATS[name]
+    out_f, in_f = codes.shape
+    nb = in_f // fmt.weights_per_block
+    rows = out_f * nb
+    c = codes.numpy().astype(np.uint8).reshape(rows, fmt.weights_per_block)
+    dl = scale.float().numpy().reshape(rows, fmt.per)
+    d = extras["super_scale"].float().numpy().reshape(rows, 1)
+    if not fmt.sub_levels:  # legacy: one fp16 scale per block
+        parts = [_fp16(d)]
+        if fmt.bits == 8:
+            parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+        else:
+            parts.append(_fields(c & 15, 4, 16))
+            if fmt.bits == 5:
+                parts.insert(1, np.packbits((c >> 4) & 1, axis=1, bitorder="little"))
+        return np.concatenate(parts, axis=1).reshape(out_f, -1)
+    sc = _small_ints(dl, d)
+    if fmt.mins:
+        dmin = extras["super_min"].float().numpy().reshape(rows, 1)
+        m = _small_ints(zero.float().numpy().reshape(rows, fmt.per), dmin)
+    if name == "q2_k":
+        parts = [(sc | (m << 4)).astype(np.uint8), _fields(c, 2, 32), _fp16(d), _fp16(dmin)]
+    elif name == "q3_k":
+        parts = [_bits(c, 2), _fields(c & 3, 2, 32), _q3_scales(sc + 32), _fp16(d)]
+    elif name == "q4_k":
+        parts = [_fp16(d), _fp16(dmin), _k_scales(sc, m), _fields(c, 4, 32)]
+    elif name == "q5_k":
+        parts = [_fp16(d), _fp16(dmin), _k_scales(sc, m), _bits(c, 4), _fields(c & 15, 4, 32)]
+    else:  # q6_k
+        parts = [_fields(c & 15, 4, 64), _fields(c >> 4, 2, 32), sc.astype(np.int8).view(np.uint8), _fp16(d)]
+    return np.concatenate(parts, axis=1).reshape(out_f, -1)
