@@ -16,8 +16,9 @@ from lowbit.schemes import Scheme
 from conftest import STORIES, need_assets
 from tiny_models import ARCHS, build, data
 
-# The first of these a format takes is the one it is tested with.
-SCHEMES = [Scheme(4, 32, True), Scheme(8, 32, True), Scheme(4, 32, False)]
+# The first of these a format takes is the one it is tested with (2, 3, 5, 6 bits: the GGUF types
+# that re-encode integer weights of their own width).
+SCHEMES = [Scheme(4, 32, True), Scheme(8, 32, True), Scheme(4, 32, False)] + [Scheme(b, 32, True) for b in (2, 3, 5, 6)]
 CHOICES = [(name, option) for name, cls in FORMATS.items() for option in (cls.options or (None,))]
 
 
