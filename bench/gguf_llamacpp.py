@@ -7,10 +7,21 @@ lowbit's own perplexity of the same weights, on the same token windows.
 pycode-7m, round to nearest (the comparison is about the file, not the tuning), W4A16G32 and
 W8A16G32 symmetric, each written as q4_0, q8_0, q4_k and f32; first N windows of 256 tokens of
 heldout.txt.
+
+    python bench/gguf_llamacpp.py --kquants q2_k q3_k [--iters 200] [--threads 2]
+
+k-quants instead: lowbit SignRound on each type's own grid (every block Linear in that type, 128
+calibration windows of 256 from calib.txt), written to GGUF, against llama.cpp's own quantizer
+(llama_model_quantize, no importance matrix) on an f16 GGUF of the original, for the llama.cpp
+file types of that name (Q2_K, Q2_K_S; Q3_K_S, Q3_K_M; ...). llama.cpp's perplexity of every file
+on the same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of
+the block Linear weights alone (llama.cpp also quantizes the embeddings and output, which lowbit
+leaves in float).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import sys
@@ -31,10 +42,11 @@ PYCODE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets",
 SEQLEN = 256
 
 
-def llama_cpp_ppl(path: str, windows: torch.Tensor) -> float:
+def llama_cpp_ppl(path: str, windows: torch.Tensor, threads: int | None = None) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=SEQLEN, n_batch=SEQLEN, verbose=False)
+    llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=SEQLEN, n_batch=SEQLEN, verbose=False,
+                          n_threads=threads or torch.get_num_threads())
     nll, count = 0.0, 0
     for w in windows.tolist():
         llm.reset()
@@ -45,14 +57,84 @@ def llama_cpp_ppl(path: str, windows: torch.Tensor) -> float:
     return math.exp(nll / count)
 
 
+# lowbit's type -> llama.cpp's file types of that family (llama_ftype names; Q2_K_S needs an importance matrix)
+LLAMA_FTYPES = {"q2_k": ["MOSTLY_Q2_K"], "q3_k": ["MOSTLY_Q3_K_S", "MOSTLY_Q3_K_M"],
+                "q4_k": ["MOSTLY_Q4_K_S", "MOSTLY_Q4_K_M"], "q5_k": ["MOSTLY_Q5_K_S"], "q6_k": ["MOSTLY_Q6_K"]}
+
+
+def block_bytes(path: str) -> int:
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors
+               if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name)
+
+
+def llama_quantize(src: str, dst: str, ftype: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {ftype}")
+
+
+def kquants(args) -> None:
+    import time
+
+    from lowbit.calib import make_windows
+    from lowbit.model import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(PYCODE)
+    with open(os.path.join(PYCODE, "heldout.txt")) as f:
+        tokens = tokenize(tok, f.read())
+    windows = tokens[: args.windows * SEQLEN].view(args.windows, SEQLEN)
+    with open(os.path.join(PYCODE, "calib.txt")) as f:
+        calib = make_windows(tokenize(tok, f.read()), 128, SEQLEN, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = os.path.join(tmp, "f16.gguf")
+        write_gguf(model, tok, {}, f16, "f16")
+        rows.append(("original", "f16 (llama.cpp)", llama_cpp_ppl(f16, windows), None, os.path.getsize(f16), block_bytes(f16)))
+        for t in args.kquants:
+            for ftype in LLAMA_FTYPES[t]:
+                path = os.path.join(tmp, f"{ftype}.gguf")
+                llama_quantize(f16, path, ftype, args.threads)
+                rows.append(("llama.cpp quantize", ftype, llama_cpp_ppl(path, windows), None, os.path.getsize(path),
+                             block_bytes(path)))
+                print(rows[-1], flush=True)
+            m, _ = load_model(PYCODE)
+            t0 = time.perf_counter()
+            r = lowbit.quantize(m, f"gguf:{t}", lowbit.SignRound(iters=args.iters), calib, tokenizer=tok,
+                                nsamples=128, seqlen=SEQLEN, progress=False)
+            seconds = time.perf_counter() - t0
+            path = os.path.join(tmp, f"lowbit-{t}.gguf")
+            write_gguf(m, tok, r.layers, path, t)
+            ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
+            rows.append((f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)", f"gguf:{t} (all {t.upper()})",
+                         llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
+            print(rows[-1], flush=True)
+    print(f"\npycode-7m, {args.windows} windows of {SEQLEN} of heldout.txt\n")
+    print("| quantizer | type | llama.cpp ppl | lowbit ppl (same weights) | file MB | block weights MB |")
+    print("|---|---|---|---|---|---|")
+    for who, kind, ppl, ref, size, blocks in rows:
+        print(f"| {who} | {kind} | {ppl:.4f} | {'' if ref is None else f'{ref:.4f}'} | {size / 1e6:.2f} | {blocks / 1e6:.3f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=200)
+    p.add_argument("--kquants", nargs="+", choices=list(LLAMA_FTYPES), help="the k-quant comparison instead")
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         sys.exit("llama_cpp is not importable: pip install llama-cpp-python")
+    if args.kquants:
+        return kquants(args)
     print("| lowbit scheme | lowbit ppl | gguf type | llama.cpp ppl | difference |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
