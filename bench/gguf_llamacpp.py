@@ -8,15 +8,17 @@ pycode-7m, round to nearest (the comparison is about the file, not the tuning), 
 W8A16G32 symmetric, each written as q4_0, q8_0, q4_k and f32; first N windows of 256 tokens of
 heldout.txt.
 
-    python bench/gguf_llamacpp.py --kquants q2_k q3_k [--iters 200] [--threads 2]
+    python bench/gguf_llamacpp.py --kquants q2_k q3_k q4_k_m [--iters 200] [--rtn] [--model smollm2]
 
-k-quants instead: lowbit SignRound on each type's own grid (every block Linear in that type, 128
-calibration windows of 256 from calib.txt), written to GGUF, against llama.cpp's own quantizer
-(llama_model_quantize, no importance matrix) on an f16 GGUF of the original, for the llama.cpp
-file types of that name (Q2_K, Q2_K_S; Q3_K_S, Q3_K_M; ...). llama.cpp's perplexity of every file
-on the same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of
-the block Linear weights alone (llama.cpp also quantizes the embeddings and output, which lowbit
-leaves in float).
+k-quants instead: lowbit SignRound on each type's own grid, written to GGUF, against llama.cpp's
+own quantizer (llama_model_quantize, no importance matrix) on an f16 GGUF of the original, for the
+llama.cpp file types of that name. A plain type (q2_k) puts every block Linear in that type and
+leaves the embedding and output in float; a mix (q4_k_m, q3_k_m, q2_k_s: lowbit's
+lowbit/mixes.py) follows llama.cpp's own per-tensor rules, the embedding and output included,
+so the whole files compare. 128 calibration windows of 256 tokens; --rtn adds lowbit's round to
+nearest of each, to tell the rounding from the tuning. llama.cpp's perplexity of every file on the
+same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of the
+block Linear weights alone.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from lowbit.calib import tokenize  # noqa: E402
 from lowbit.eval.perplexity import perplexity  # noqa: E402
 from lowbit.export.gguf import write_gguf  # noqa: E402
 
-PYCODE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets", "models", "pycode-7m")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets")
+PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
 SEQLEN = 256
 
 
@@ -57,9 +60,13 @@ def llama_cpp_ppl(path: str, windows: torch.Tensor, threads: int | None = None) 
     return math.exp(nll / count)
 
 
-# lowbit's type -> llama.cpp's file types of that family (llama_ftype names; Q2_K_S needs an importance matrix)
+# lowbit's type or mix -> llama.cpp's file types to compare it with (llama_ftype names). llama.cpp's
+# Q2_K_S needs an importance matrix, which llama-cpp-python cannot make: its Q2_K stands in.
 LLAMA_FTYPES = {"q2_k": ["MOSTLY_Q2_K"], "q3_k": ["MOSTLY_Q3_K_S", "MOSTLY_Q3_K_M"],
-                "q4_k": ["MOSTLY_Q4_K_S", "MOSTLY_Q4_K_M"], "q5_k": ["MOSTLY_Q5_K_S"], "q6_k": ["MOSTLY_Q6_K"]}
+                "q4_k": ["MOSTLY_Q4_K_S", "MOSTLY_Q4_K_M"], "q5_k": ["MOSTLY_Q5_K_S"], "q6_k": ["MOSTLY_Q6_K"],
+                "q2_k_s": ["MOSTLY_Q2_K"], "q3_k_s": ["MOSTLY_Q3_K_S"], "q3_k_m": ["MOSTLY_Q3_K_M"],
+                "q3_k_l": ["MOSTLY_Q3_K_L"], "q4_k_s": ["MOSTLY_Q4_K_S"], "q4_k_m": ["MOSTLY_Q4_K_M"],
+                "q5_k_s": ["MOSTLY_Q5_K_S"], "q5_k_m": ["MOSTLY_Q5_K_M"]}
 
 
 def block_bytes(path: str) -> int:
@@ -79,23 +86,49 @@ def llama_quantize(src: str, dst: str, ftype: str, threads: int) -> None:
         raise RuntimeError(f"llama_model_quantize failed for {ftype}")
 
 
+def setup(name: str, n_windows: int):
+    """(folder, calibration windows [128, SEQLEN], evaluation windows [n, SEQLEN], description)."""
+    from lowbit.calib import make_windows, read_text
+    from lowbit.model import load_model
+
+    if name == "smollm2":
+        import subprocess
+
+        script = os.path.join(ASSETS, "scripts", "get_smollm2.py")
+        folder = subprocess.run([sys.executable, script], check=True, capture_output=True,
+                                text=True).stdout.strip().splitlines()[-1]
+        calib_text = read_text(os.path.join(ASSETS, "text", "c4_validation_2k.parquet"))
+        with open(os.path.join(ASSETS, "text", "wikitext2_test.txt")) as f:
+            eval_text = f.read()
+        about = "SmolLM2-135M-Instruct; calibration c4_validation_2k, evaluation wikitext2_test.txt"
+    else:
+        folder = PYCODE
+        with open(os.path.join(PYCODE, "calib.txt")) as f:
+            calib_text = f.read()
+        with open(os.path.join(PYCODE, "heldout.txt")) as f:
+            eval_text = f.read()
+        about = "pycode-7m; calibration calib.txt, evaluation heldout.txt"
+    _, tok = load_model(folder)
+    tokens = tokenize(tok, eval_text)
+    calib = make_windows(tokenize(tok, calib_text), 128, SEQLEN, seed=0)
+    return folder, calib, tokens, f"{about}, first {n_windows} windows of {SEQLEN}"
+
+
 def kquants(args) -> None:
     import time
 
-    from lowbit.calib import make_windows
+    from lowbit.mixes import mix_name
     from lowbit.model import load_model
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model(PYCODE)
-    with open(os.path.join(PYCODE, "heldout.txt")) as f:
-        tokens = tokenize(tok, f.read())
+    folder, calib, tokens, about = setup(args.model, args.windows)
     windows = tokens[: args.windows * SEQLEN].view(args.windows, SEQLEN)
-    with open(os.path.join(PYCODE, "calib.txt")) as f:
-        calib = make_windows(tokenize(tok, f.read()), 128, SEQLEN, seed=0)
+    model, tok = load_model(folder)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f16 = os.path.join(tmp, "f16.gguf")
-        write_gguf(model, tok, {}, f16, "f16")
+        # one general.name in every file (llama.cpp's copy keeps it), so the file sizes compare
+        write_gguf(model, tok, {}, f16, "f16", name=args.model)
         rows.append(("original", "f16 (llama.cpp)", llama_cpp_ppl(f16, windows), None, os.path.getsize(f16), block_bytes(f16)))
         for t in args.kquants:
             for ftype in LLAMA_FTYPES[t]:
@@ -104,18 +137,22 @@ def kquants(args) -> None:
                 rows.append(("llama.cpp quantize", ftype, llama_cpp_ppl(path, windows), None, os.path.getsize(path),
                              block_bytes(path)))
                 print(rows[-1], flush=True)
-            m, _ = load_model(PYCODE)
-            t0 = time.perf_counter()
-            r = lowbit.quantize(m, f"gguf:{t}", lowbit.SignRound(iters=args.iters), calib, tokenizer=tok,
-                                nsamples=128, seqlen=SEQLEN, progress=False)
-            seconds = time.perf_counter() - t0
-            path = os.path.join(tmp, f"lowbit-{t}.gguf")
-            write_gguf(m, tok, r.layers, path, t)
-            ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
-            rows.append((f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)", f"gguf:{t} (all {t.upper()})",
-                         llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
-            print(rows[-1], flush=True)
-    print(f"\npycode-7m, {args.windows} windows of {SEQLEN} of heldout.txt\n")
+            scheme = t.upper() if mix_name(t) else f"gguf:{t}"
+            kind = f"{t.upper()} (lowbit's mix)" if mix_name(t) else f"gguf:{t} (all {t.upper()}, f32 outside the blocks)"
+            for algo in (["rtn"] if args.rtn else []) + ["signround"]:
+                m, _ = load_model(folder)
+                t0 = time.perf_counter()
+                algorithm = lowbit.SignRound(iters=args.iters) if algo == "signround" else lowbit.RTN()
+                r = lowbit.quantize(m, scheme, algorithm, calib, tokenizer=tok, nsamples=128, seqlen=SEQLEN,
+                                    progress=False)
+                seconds = time.perf_counter() - t0
+                path = os.path.join(tmp, f"lowbit-{t}-{algo}.gguf")
+                write_gguf(m, tok, r.layers, path, t, name=args.model)
+                ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
+                who = f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)" if algo == "signround" else "lowbit RTN"
+                rows.append((who, kind, llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
+                print(rows[-1], flush=True)
+    print(f"\n{about}\n")
     print("| quantizer | type | llama.cpp ppl | lowbit ppl (same weights) | file MB | block weights MB |")
     print("|---|---|---|---|---|---|")
     for who, kind, ppl, ref, size, blocks in rows:
@@ -127,6 +164,8 @@ def main():
     p.add_argument("--windows", type=int, default=200)
     p.add_argument("--kquants", nargs="+", choices=list(LLAMA_FTYPES), help="the k-quant comparison instead")
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--model", choices=["pycode-7m", "smollm2"], default="pycode-7m")
+    p.add_argument("--rtn", action="store_true", help="also lowbit's round to nearest of each type")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     try:

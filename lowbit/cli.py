@@ -10,6 +10,7 @@ from lowbit.api import context_length
 from lowbit.calib import check_source
 from lowbit.progress import Progress
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
+from lowbit.mixes import MIXES, mix_name
 from lowbit.errors import LowbitError
 from lowbit.export import check_formats, parse_formats
 from lowbit.job import NotStreamable
@@ -67,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "per token: W<bits>A8 (W4A8, W8A8). Float types with their own inputs: MXFP4, MXFP8, NVFP4, "
                         "FP8; weights only: MXFP4A16, MXFP8A16, NVFP4A16, FP8A16, FP8G128A16; other inputs: "
                         "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). llama.cpp's block types, tuned on their grid: "
-                        "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q5_0, gguf:q8_0. "
-                        "Default W4A16")
+                        "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q5_0, gguf:q8_0; "
+                        "llama.cpp's mixes of them, the embedding and output layer included: Q2_K_S, Q3_K_S, Q3_K_M, "
+                        "Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M. Default W4A16")
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
@@ -141,7 +143,17 @@ def cmd_quantize(args) -> None:
 
     # Everything that can be checked is checked before any work starts.
     check_out_dir(args.out, args.overwrite)
-    scheme = lowbit.get_scheme(args.scheme, group_size=args.group_size, sym=False if args.asym else None)
+    mix = mix_name(args.scheme)
+    if mix is not None:  # llama.cpp's mix: a type per layer, the embedding's and output's too
+        given = {"--group-size": args.group_size, "--bits": args.bits, "--asym": args.asym or None,
+                 "--quantize-lm-head": args.quantize_lm_head or None, "--plan": args.plan,
+                 "--target-bits": args.target_bits}
+        for flag, value in given.items():
+            if value is not None:
+                raise LowbitError(f"--scheme {args.scheme} sets every layer's type; it does not take {flag}")
+        scheme = mix
+    else:
+        scheme = lowbit.get_scheme(args.scheme, group_size=args.group_size, sym=False if args.asym else None)
     if args.bits is not None:
         scheme = scheme.replace(bits=args.bits)
     algo_preset, pipe_preset = PRESETS[args.preset]
@@ -162,7 +174,13 @@ def cmd_quantize(args) -> None:
         raise LowbitError("give --plan or --target-bits, not both")
     plan = read_plan(args.plan) if args.plan else None
     formats = parse_formats(args.format)
-    planned = [scheme] + (list(plan_schemes(plan).values()) if plan else [])
+    if mix is not None:  # a plain "gguf" writes the mix's file (model-q4_k_m.gguf)
+        plain = [f.strip().lower() for f in args.format.split(",")].count("gguf")
+        for f in formats:
+            if plain and f.name == "gguf":
+                f.option = mix
+    planned = [lowbit.get_scheme(f"gguf:{MIXES[mix][0]}") if mix else scheme]
+    planned += list(plan_schemes(plan).values()) if plan else []
     if args.target_bits is not None:
         planned += list(parse_options(args.options).values())
     check_formats(formats, planned)
@@ -197,8 +215,8 @@ def _quantize_streamed(args, scheme, algo, nsamples: int, plan, formats) -> None
             model, tokenizer = load_model(args.model)
         before = _eval(model, tokenizer, args)
         del model
-    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} "
-               f"({_describe(algo, scheme, overrides, args.device)}), block by block")
+    _say(args, f"quantizing {args.model} to {_name(scheme)} with {algo.name} "
+               f"({_describe(algo, scheme, overrides, args.device, skeleton)}), block by block")
     result, out = quantize_folder(
         args.model, args.out, formats, scheme, algo, args.dataset, nsamples=nsamples, seqlen=seqlen, seed=args.seed,
         overrides=overrides, device=args.device, progress=not args.quiet, max_shard_size=args.max_shard_size,
@@ -234,7 +252,8 @@ def _quantize_in_memory(args, scheme, algo, nsamples: int, plan, formats) -> Non
     if args.target_bits is not None:
         plan = _make_plan(model, tokenizer, args, min(nsamples, 16), seqlen)
     overrides = _plan_overrides(args, plan, model)
-    _say(args, f"quantizing {args.model} to {scheme.name} with {algo.name} ({_describe(algo, scheme, overrides, args.device)})")
+    _say(args, f"quantizing {args.model} to {_name(scheme)} with {algo.name} "
+               f"({_describe(algo, scheme, overrides, args.device, model)})")
     result = lowbit.quantize(
         model, scheme, algo, args.dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
         seed=args.seed, overrides=overrides, lm_head=args.quantize_lm_head, device=args.device,
@@ -276,7 +295,7 @@ def _eval_entry(args, before, after, model) -> dict:
 
 def _summary(args, result, scheme, plan, before, after, out, formats) -> None:
     n_q, left = len(result.report["layers"]), result.report["unquantized"]
-    target = "the plan's schemes" if plan is not None else scheme.name
+    target = "the plan's schemes" if plan is not None else _name(scheme)
     print(f"quantized {n_q} layers to {target} in {result.report['seconds']:.1f}s; "
           f"left in full precision: {', '.join(left) or 'none'} "
           f"({len(left)} tensors, {result.report['unquantized_share']:.1%} of the weights)")
@@ -345,19 +364,37 @@ def _eval(model, tokenizer, args) -> dict:
                     progress=not getattr(args, "quiet", False))
 
 
-def _describe(algo, scheme, overrides, device) -> str:
-    """The algorithm's settings as they take effect (defaults resolved), the device and threads."""
+def _name(scheme) -> str:
+    """A scheme's name, or a llama.cpp mix's ("Q4_K_M")."""
+    return scheme.upper() if isinstance(scheme, str) else scheme.name
+
+
+def _describe(algo, scheme, overrides, device, model) -> str:
+    """The algorithm's settings as they take effect (defaults resolved), the device and threads;
+    for a llama.cpp mix, its types per layer and outside the blocks."""
     import torch
 
+    from lowbit.mixes import expand_mix
+    from lowbit.model import find_blocks
     from lowbit.pipeline import run_settings
-
     from lowbit.schemes import as_scheme
 
+    mix = None
+    if isinstance(scheme, str):
+        mix = expand_mix(scheme, model, list(block_layers(model)), find_blocks(model)[0])
+        scheme, overrides = mix.scheme, mix.layers
     schemes = [as_scheme(s) for s in (scheme, *(overrides or {}).values())]
     show = lambda v: ("on" if v else "off") if isinstance(v, bool) else (  # noqa: E731
         ", ".join(f"{show(x)} ({k})" for k, x in v.items()) if isinstance(v, dict) else str(v))
     settings = run_settings(algo, schemes, torch.device(device or "cpu"))
-    return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
+    text = ", ".join(f"{k}={show(v)}" for k, v in settings.items())
+    if mix is not None:
+        counts = {}
+        for s in mix.layers.values():
+            counts[s.name] = counts.get(s.name, 0) + 1
+        text += ("; layers " + ", ".join(f"{n} x {k}" for k, n in sorted(counts.items()))
+                 + "; outside the blocks " + ", ".join(f"{k} {s.name}" for k, s in mix.outside.items()))
+    return text
 
 
 

@@ -27,7 +27,8 @@ from lowbit.errors import LowbitError
 from lowbit.host import release_free_memory
 from lowbit.export import MAX_SHARD_SIZE, Layout, check_formats, parse_formats
 from lowbit.model import ckpt_name, load_skeleton, load_weights, release, stored_names, stream_order
-from lowbit.pipeline import finish, needs_calibration, prepare, run_blocks
+from lowbit.mixes import mix_name
+from lowbit.pipeline import finish, needs_calibration, prepare, quantize_outside, run_blocks
 from lowbit.quantized import QuantizeResult
 from lowbit.schemes import Scheme, as_scheme, get_scheme
 from lowbit.version import __version__
@@ -40,34 +41,40 @@ class NotStreamable(LowbitError):
 
 def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme | str = "W4A16",
                     algorithm="signround", dataset=None, *, nsamples: int = 128, seqlen: int = 2048,
-                    seed: int = 0, overrides: dict | None = None, device=None, progress: bool = True,
+                    seed: int = 0, overrides: dict | None = None, outside: dict | None = None, device=None,
+                    progress: bool = True,
                     max_shard_size: int = MAX_SHARD_SIZE, overwrite: bool = False, restart: bool = False,
                     report: dict | None = None) -> tuple[QuantizeResult, str]:
     """Quantize the model in `model_dir` block by block into `out_dir` in each format (a name
-    list as in export.parse_formats); `report` adds entries to the report each format holds.
+    list as in export.parse_formats; `scheme` a Scheme or a name, llama.cpp's mixes too, and
+    `overrides` / `outside` as in pipeline.quantize); `report` adds entries to the report each
+    format holds.
     Returns the result (its model a skeleton, its layers empty: the weights are on disk) and
     the output folder."""
-    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    scheme = get_scheme(scheme) if isinstance(scheme, str) and mix_name(scheme) is None else scheme
     algo = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     formats = parse_formats(formats)
     ckpt, (model, tokenizer) = open_checkpoint(model_dir)
     check_formats(formats, [], getattr(model.config, "model_type", None))
     out_dir = os.path.abspath(out_dir)
     partial = out_dir.rstrip(os.sep) + ".partial"
-    job = {"model": os.path.abspath(model_dir), "checkpoint": _fingerprint(ckpt), "scheme": scheme.to_dict(),
+    job = {"model": os.path.abspath(model_dir), "checkpoint": _fingerprint(ckpt),
+           "scheme": scheme.to_dict() if isinstance(scheme, Scheme) else mix_name(scheme), "outside": _jsonable(outside),
            "algorithm": {"name": algo.name, **asdict(algo)}, "overrides": _jsonable(overrides),
            "dataset": _jsonable(dataset), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
            "formats": [f.tag for f in formats], "max_shard_size": int(max_shard_size), "lowbit": __version__}
     state = _resume_state(partial, job, restart)
 
-    run = _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device, progress)
+    run = _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, outside, device,
+                   progress)
     blocks_name, n = run.blocks_name, len(run.blocks)
     before, block_names, after = stream_order(stored_names(model), blocks_name, n)
     shapes = {f"{blocks_name}.{i}.{k}": tuple(m.weight.shape) for i, ls in enumerate(run.block_layers)
               for k, m in ls.items()}
-    layout = Layout(model, tokenizer, {ckpt_name(model, n): s for n, s in run.schemes.items()},
+    shapes.update({k: tuple(model.get_submodule(k).weight.shape) for k in run.outside})
+    layout = Layout(model, tokenizer, {ckpt_name(model, n): s for n, s in {**run.schemes, **run.outside}.items()},
                     {ckpt_name(model, n): s for n, s in shapes.items()}, ckpt.float_dtype(), blocks_name,
-                    int(max_shard_size))
+                    int(max_shard_size), run.report.get("recipe"))
     folders = [partial if len(formats) == 1 else os.path.join(partial, f.tag) for f in formats]
     try:
         if state is None:
@@ -76,7 +83,7 @@ def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme
             for folder in folders:
                 os.makedirs(folder, exist_ok=True)
             writers = [f.open(folder, layout) for f, folder in zip(formats, folders)]
-            _add(writers, before, ckpt, model)
+            _add(writers, before, ckpt, run)
             start = 0
             _commit(partial, writers, run, 0)
         else:
@@ -85,7 +92,7 @@ def quantize_folder(model_dir: str, out_dir: str, formats="fake", scheme: Scheme
             _say(progress, f"resuming {partial}: blocks 1-{start} of {n} were done, continuing from block {start + 1}")
 
         _stream_blocks(run, ckpt, writers, block_names, partial, start, progress)
-        _add(writers, after, ckpt, model)
+        _add(writers, after, ckpt, run)
         result = finish(run)
         result.report.update({"streamed": True, **(report or {})})
         for w in writers:
@@ -159,19 +166,20 @@ def open_checkpoint(model_dir: str):
     return ckpt, (model, tokenizer)
 
 
-def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, device,
+def _prepare(model, tokenizer, ckpt, scheme, algo, dataset, nsamples, seqlen, seed, overrides, outside, device,
              progress=False):
     """pipeline.prepare on the skeleton; the layers outside the blocks are loaded only for it to
     capture block 0's inputs, and freed after."""
-    planned = [as_scheme(s) for s in (scheme, *(overrides or {}).values())]
-    if not needs_calibration(algo, planned):
-        return prepare(model, scheme, algo, dataset, tokenizer=tokenizer, seed=seed, overrides=overrides, device=device)
+    planned = [] if mix_name(scheme) else [as_scheme(s) for s in (scheme, *(overrides or {}).values())]
+    if not needs_calibration(algo, planned):  # (a mix's k-quants take no calibrated input scales)
+        return prepare(model, scheme, algo, dataset, tokenizer=tokenizer, seed=seed, overrides=overrides,
+                       outside=outside, device=device)
     blocks_name = _blocks_name(model)
-    outside = [n for n in stored_names(model) if not n.startswith(blocks_name + ".")]
-    _assign(model, {n: _compute_dtype(ckpt.get(ckpt_name(model, n))) for n in outside})
+    rest = [n for n in stored_names(model) if not n.startswith(blocks_name + ".")]
+    _assign(model, {n: _compute_dtype(ckpt.get(ckpt_name(model, n))) for n in rest})
     run = prepare(model, scheme, algo, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                  overrides=overrides, device=device, progress=progress)
-    _assign(model, {n: torch.empty(ckpt.info[ckpt_name(model, n)]["shape"], device="meta") for n in outside})
+                  overrides=overrides, outside=outside, device=device, progress=progress)
+    _assign(model, {n: torch.empty(ckpt.info[ckpt_name(model, n)]["shape"], device="meta") for n in rest})
     return run
 
 
@@ -194,11 +202,19 @@ def _assign(model, tensors: dict) -> None:
             out.weight = inp.weight
 
 
-def _add(writers, names, ckpt, model) -> None:
-    """Tensors outside the blocks, copied through from the checkpoint."""
-    for w in writers:
-        for name in names:
-            w.add(ckpt_name(model, name), ckpt.get(ckpt_name(model, name)), None)
+def _add(writers, names, ckpt, run) -> None:
+    """Tensors outside the blocks, copied through from the checkpoint, or rounded first where
+    run.outside names their module (pipeline.quantize_outside); those count as done."""
+    model = run.model
+    for name in names:
+        tensor, q = ckpt.get(ckpt_name(model, name)), None
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in run.outside:
+            q = quantize_outside(tensor, run.outside[module])
+            tensor = q.dequantize(tensor.dtype)
+            run.done[module] = q.scheme
+        for w in writers:
+            w.add(ckpt_name(model, name), tensor, q)
 
 
 def _commit(partial: str, writers, run, next_block: int) -> None:

@@ -27,6 +27,8 @@ from lowbit.activations import INPUT_SCALE, input_scales, inputs_quantized, quan
 from lowbit.algorithms import BlockData, get_algorithm
 from lowbit.algorithms.base import Algorithm
 from lowbit.algorithms.cpu_attention import attention_context
+from lowbit.algorithms.prescale import search_range_factors
+from lowbit.mixes import expand_mix, mix_name
 from lowbit.algorithms.stats import COLLECTORS
 from lowbit.calib import calibration_windows, windows_hash
 from lowbit.errors import LowbitError
@@ -76,6 +78,7 @@ class Run:
     block_layers: list[dict[str, nn.Linear]]
     schemes: dict[str, Scheme]  # full layer name -> scheme
     report: dict
+    outside: dict[str, Scheme] = field(default_factory=dict)  # modules outside the blocks, rounded at the end
     q_in: torch.Tensor | None = None  # the next block's inputs (outputs of the quantized blocks)
     fp_in: torch.Tensor | None = None  # the next block's full-precision inputs
     kwargs: list[dict] | None = None  # each block's keyword arguments
@@ -108,13 +111,12 @@ def needs_calibration(algo: Algorithm, schemes) -> bool:
 def layer_schemes(names: list[str], default: Scheme, overrides: dict | None) -> dict[str, Scheme]:
     """Scheme per layer: an override whose key equals the name or fully matches it as a regex."""
     out = {}
+    overrides = overrides or {}
     for name in names:
-        scheme = default
-        for pattern, s in (overrides or {}).items():
-            if pattern == name or re.fullmatch(pattern, name):
-                scheme = as_scheme(s)
-                break
-        out[name] = scheme
+        if name in overrides:  # exact names first: a plan names thousands of layers
+            out[name] = as_scheme(overrides[name])
+            continue
+        out[name] = next((as_scheme(s) for p, s in overrides.items() if re.fullmatch(p, name)), default)
     return out
 
 
@@ -145,18 +147,23 @@ def quantize(
     seqlen: int = 2048,
     seed: int = 0,
     overrides: dict | None = None,
+    outside: dict | None = None,
     lm_head: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
     on_block: Callable[[int, dict[str, QuantizedWeight], dict], None] | None = None,
 ) -> QuantizeResult:
     """Quantize the Linear layers of every transformer block of `model` (a module or a local
-    folder). `algorithm` is a name or a config (e.g. SignRound(iters=50)); `dataset` a file path,
+    folder). `scheme` is a Scheme or a name: a scheme's, or one of llama.cpp's mixes ("Q4_K_M",
+    lowbit/mixes.py), which sets every layer's type and the embedding's and output's.
+    `algorithm` is a name or a config (e.g. SignRound(iters=50)); `dataset` a file path,
     a datasets name or token windows [n, seqlen]; `overrides` maps layer names or regexes to
-    schemes. The model is changed in place (fake-quantized weights) and returned with the codes.
-    `on_block(index, weights, stats)` is called after each block, its weights already in place."""
+    schemes; `outside` maps modules outside the blocks (the embedding, lm_head) to schemes they
+    are rounded to (quantize_outside). The model is changed in place (fake-quantized weights) and
+    returned with the codes. `on_block(index, weights, stats)` is called after each block, its
+    weights already in place."""
     run = prepare(model, scheme, algorithm, dataset, tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen,
-                  seed=seed, overrides=overrides, device=device, progress=progress)
+                  seed=seed, overrides=overrides, outside=outside, device=device, progress=progress)
     run_blocks(run, progress=progress, on_block=on_block)
     return finish(run, lm_head)
 
@@ -184,10 +191,11 @@ def run_blocks(run: Run, start: int = 0, *, progress: bool = True,
 
 def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", dataset=None, *, tokenizer=None,
             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, overrides: dict | None = None,
-            device: str | torch.device | None = None, progress: bool = False) -> Run:
+            outside: dict | None = None, device: str | torch.device | None = None, progress: bool = False) -> Run:
     """Everything before the first block: the model, each layer's scheme and, for an algorithm
     that needs data, the calibration windows and block 0's inputs."""
-    if isinstance(scheme, str):
+    mix = mix_name(scheme) if isinstance(scheme, str) else None
+    if isinstance(scheme, str) and mix is None:
         scheme = get_scheme(scheme)
     algo = get_algorithm(algorithm) if isinstance(algorithm, str) else algorithm
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -200,16 +208,21 @@ def prepare(model, scheme: Scheme | str = "W4A16", algorithm="signround", datase
     blocks_name, blocks = find_blocks(model)
     block_layers = [find_linears(b) for b in blocks]
     names = [f"{blocks_name}.{i}.{n}" for i, ls in enumerate(block_layers) for n in ls]
+    if mix is not None:  # llama.cpp's mix: a scheme per layer, and the embedding's and output's
+        m = expand_mix(mix, model, names, blocks_name)
+        scheme, overrides, outside = m.scheme, {**m.layers, **(overrides or {})}, {**m.outside, **(outside or {})}
+    outside = {n: as_scheme(s) for n, s in (outside or {}).items()}
     report = {
         "lowbit_version": __version__,
         "scheme": scheme.to_dict() | {"name": scheme.name},
         "algorithm": {"name": algo.name, **asdict(algo)},
         "blocks": [],
+        **({"recipe": mix} if mix is not None else {}),
     }
     schemes = fit_schemes(layer_schemes(names, scheme, overrides),
                           {f"{blocks_name}.{i}.{n}": lin.in_features for i, ls in enumerate(block_layers) for n, lin in ls.items()})
     run = Run(model, tokenizer, scheme, algo, device, seed, blocks_name, blocks, block_layers, schemes, report,
-              dtype=dtype)
+              dtype=dtype, outside=_fit_outside(model, outside))
     _warn_skipped(run)
     run.needs_data = needs_calibration(algo, run.schemes.values())
     report["settings"] = run_settings(algo, run.schemes.values(), device)
@@ -356,6 +369,14 @@ def finish(run: Run, lm_head: bool = False) -> QuantizeResult:
         head = _quantize_lm_head(run.model, run.scheme)
         run.quantized.update(head)
         run.done.update({n: q.scheme for n, q in head.items()})
+    for name, scheme in run.outside.items():  # a streamed run did them as they were written
+        if name not in run.done:
+            weight = run.model.get_submodule(name).weight
+            q = quantize_outside(weight, scheme)
+            with torch.no_grad():
+                weight.copy_(q.dequantize(weight.dtype))
+            run.quantized[name] = q
+            run.done[name] = scheme
     # the model computes the quantized function: inputs quantized where a scheme says so
     quantize_model_inputs(run.model, {n: s.act for n, s in run.done.items()}, input_scales(run.quantized))
     report = run.report
@@ -412,6 +433,39 @@ def _mse(a: torch.Tensor, b: torch.Tensor, batch: int) -> float:
     """Mean squared difference, a batch of rows at a time (no full-size temporary)."""
     total = sum((a[i : i + batch].float() - b[i : i + batch].float()).pow(2).sum().item() for i in range(0, len(a), batch))
     return total / a.numel()
+
+
+def _fit_outside(model, outside: dict[str, Scheme]) -> dict[str, Scheme]:
+    """The outside schemes, each checked against its module (a 2-D weight outside the blocks) and
+    replaced by its data type's stand-in where the rows are not whole blocks (fit_schemes)."""
+    widths = {}
+    for name in outside:
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:
+            raise LowbitError(f"no module {name!r} with a weight to quantize") from None
+        if weight.dim() != 2:
+            raise LowbitError(f"{name} has a {weight.dim()}-D weight; only 2-D weights are quantized")
+        widths[name] = int(weight.shape[1])
+    return fit_schemes(outside, widths)
+
+
+@torch.no_grad()
+def quantize_outside(weight: torch.Tensor, scheme: Scheme, rows: int = 8192) -> QuantizedWeight:
+    """Round a weight outside the blocks (the embedding, the output layer) to nearest, each group's
+    range shrunk by the factor that minimizes its squared error (prescale.search_range_factors with
+    no importance): nothing runs through these layers while the blocks are tuned. A chunk of
+    `rows` rows at a time, so an 8B model's 128k-row embedding needs no full-size temporaries."""
+    parts = []
+    for i in range(0, weight.shape[0], rows):
+        w = weight[i : i + rows].float()
+        f = search_range_factors(w, scheme)
+        parts.append(quantize_weight(w, scheme, min_scale=f, max_scale=f))
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
+    return QuantizedWeight(scheme, cat([p.codes for p in parts]), cat([p.scale for p in parts]),
+                           cat([p.zero for p in parts]), {k: cat([p.extras[k] for p in parts]) for k in parts[0].extras})
 
 
 @torch.no_grad()

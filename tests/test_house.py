@@ -18,7 +18,7 @@ PACKAGE = os.path.join(os.path.dirname(__file__), "..", "lowbit")
 # The rooms, bottom first: a room imports only rooms before it. "lowbit" is the package's top
 # (lowbit/__init__.py, the public API), which only the command line above it may import.
 ROOMS = [
-    "errors", "version", "host", "progress", "qdq", "schemes", "quantized", "activations", "calib", "checkpoint", "experts", "model", "algorithms", "pipeline",
+    "errors", "version", "host", "progress", "qdq", "schemes", "quantized", "activations", "calib", "checkpoint", "experts", "model", "mixes", "algorithms", "pipeline",
     "allocate", "runtime", "export", "job", "eval", "api", "lowbit", "cli",
 ]
 MAX_FUNCTION_LINES, MAX_MODULE_LINES = 80, 600

@@ -131,16 +131,18 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
 # streamed == in memory
 
 
-@pytest.mark.parametrize("model,text,algo,formats,dtype", [
-    (STORIES, STORY_TEXT, "signround", "fake,auto_round,gguf:q4_0", None),
-    (PYCODE, PY_TEXT, "rtn", "fake,gptq", None),
-    (PYCODE, PY_TEXT, "signround", "auto_round", torch.bfloat16),
-    (PYCODE, PY_TEXT, "rtn", "fake,gptq", torch.bfloat16),
-], ids=["stories-signround", "pycode-rtn", "pycode-bf16-signround", "pycode-bf16-rtn"])
-def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, model, text, algo, formats, dtype):
+@pytest.mark.parametrize("model,text,algo,formats,dtype,scheme", [
+    (STORIES, STORY_TEXT, "signround", "fake,auto_round,gguf:q4_0", None, "W4A16G32"),
+    (PYCODE, PY_TEXT, "rtn", "fake,gptq", None, "W4A16G32"),
+    (PYCODE, PY_TEXT, "signround", "auto_round", torch.bfloat16, "W4A16G32"),
+    (PYCODE, PY_TEXT, "rtn", "fake,gptq", torch.bfloat16, "W4A16G32"),
+    # llama.cpp's mix: the embedding and lm_head are rounded too, as they stream past
+    (PYCODE, PY_TEXT, "signround", "fake,gguf:q4_k_m", None, "Q4_K_M"),
+], ids=["stories-signround", "pycode-rtn", "pycode-bf16-signround", "pycode-bf16-rtn", "pycode-q4_k_m"])
+def test_streamed_output_is_byte_identical_to_in_memory(tmp_path, model, text, algo, formats, dtype, scheme):
     if dtype is not None or model == PYCODE:
         model = sharded_copy(model, tmp_path / "src", 4_000_000, dtype)
-    scheme = lowbit.get_scheme("W4A16", group_size=32)
+    scheme = scheme if scheme == "Q4_K_M" else lowbit.get_scheme(scheme)
     algorithm = lowbit.get_algorithm(algo, **({"iters": 4} if algo == "signround" else {}))
     kw = dict(nsamples=4, seqlen=64, seed=3)
     m, tok = load_model(model)

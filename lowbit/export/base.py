@@ -32,6 +32,7 @@ class Layout:
     dtype: torch.dtype
     blocks_name: str
     max_shard_size: int = MAX_SHARD_SIZE
+    recipe: str | None = None  # the llama.cpp mix the layers' types follow (lowbit/mixes.py), if any
 
     @property
     def config(self):
@@ -43,7 +44,7 @@ class Layout:
         m = result.model
         return cls(m, result.tokenizer, {ckpt_name(m, n): q.scheme for n, q in result.layers.items()},
                    {ckpt_name(m, n): tuple(q.codes.shape) for n, q in result.layers.items()}, dtype,
-                   find_blocks(m)[0], max_shard_size)
+                   find_blocks(m)[0], max_shard_size, result.report.get("recipe"))
 
 
 class Writer:

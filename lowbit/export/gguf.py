@@ -1,10 +1,13 @@
-"""The "gguf" format: one llama.cpp GGUF file (architecture "llama" only).
+"""The "gguf" format: one llama.cpp GGUF file, for the architectures in ARCHS (llama, mistral,
+qwen2, qwen3, phi3, gemma, gemma2, and the mixtures of experts mixtral and qwen3_moe): tensor
+names from the gguf package's tables; a block's experts are stacked into llama.cpp's 3-D tensors.
 
 What is quantized, and how:
 - Only the Linear weights that lowbit quantized (the ``layers`` of a result) are written in the
   chosen block type. Everything else keeps the model's own float values: the token embedding, the
   norms (always f32, as llama.cpp wants), and an lm_head that lowbit did not quantize. So the file
-  computes what lowbit's fake-quantized model computes, up to the block format.
+  computes what lowbit's fake-quantized model computes, up to the block format. (A llama.cpp mix,
+  --scheme Q4_K_M, rounds the embedding and lm_head too: they are quantized layers then.)
 - A layer quantized to one of llama.cpp's own types (schemes gguf:q2_k ... gguf:q8_0, tuned on
   that type's grid, lowbit/qdq/kquant.py) is stored in that type from its codes and scales, bit for
   bit, whatever the file's type: a mixed plan gives a file of mixed types.
@@ -14,17 +17,20 @@ What is quantized, and how:
   Q8_0's d*int8, so the file holds lowbit's weights up to the fp16 rounding of the scales.
 - Otherwise the layer's dequantized weight is requantized with the block format's own
   round-to-nearest (ggml's reference quantizers: quantize_row_q4_0_ref / q8_0 via the gguf
-  package, quantize_row_q4_K_ref re-implemented here in numpy).
+  package, quantize_row_q4_K_ref re-implemented in numpy in qdq/ggml.py).
 - A weight whose input size is not a multiple of the block size (32 for q4_0/q8_0, 256 for q4_k;
   llama.cpp cannot store partial blocks) is written in float (the model's dtype: f32, or f16/bf16)
   instead of refusing the whole export; the returned summary says so for every tensor.
-- llama.cpp expects q/k projection rows in its own rotary order: the rows are permuted as
-  convert_hf_to_gguf.py does (rows only, so quantized rows are permuted with their scales).
+- llama.cpp's llama graph (llama, mistral, mixtral) expects q/k projection rows in its own rotary
+  order: the rows are permuted as convert_hf_to_gguf.py does (rows only, so quantized rows are
+  permuted with their scales). Gemma's norms are stored as 1 + w (HF scales by 1 + w).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,28 +38,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowbit.mixes import MIXES
 from lowbit.errors import LowbitError
+from lowbit.experts import split_experts
 from lowbit.export.base import Format, Layout, Writer, ordered_tensors
 from lowbit.qdq import ggml
+from lowbit.qdq.ggml import encode_q4_0_exact, encode_q4_k, encode_q8_0_exact
 from lowbit.qdq.kquant import FORMATS as KFORMATS, quantize as kquantize
 from lowbit.quantized import QuantizeResult
 
 FLOAT_TYPES = ("f32", "f16")
-
-# HF Llama parameter name (after "model.layers.N.") -> GGUF name (after "blk.N.")
-_BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
 
 def _gguf():
     try:
@@ -63,117 +57,76 @@ def _gguf():
     return gguf
 
 
-def gguf_name(param_name: str) -> str | None:
-    """llama.cpp's name of an HF Llama parameter ("model.layers.3.mlp.up_proj.weight" ->
-    "blk.3.ffn_up.weight"), None when it has none."""
-    module, _, kind = param_name.rpartition(".")
-    if module in _TOP_NAMES:
-        return f"{_TOP_NAMES[module]}.{kind}"
-    parts = module.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _BLOCK_NAMES:
-        return f"blk.{parts[2]}.{_BLOCK_NAMES[parts[3]]}.{kind}"
-    return None
+@dataclass(frozen=True)
+class Arch:
+    """How llama.cpp holds one Hugging Face architecture. Tensor names come from the gguf package's
+    own tables (gguf.get_tensor_name_map), not from a map written here."""
+
+    gguf_arch: str  # the gguf.MODEL_ARCH member
+    rotary_rows: bool = False  # q/k rows into llama.cpp's rotary order (its llama graph; others use NeoX's)
+    norm_offset: float = 0.0  # added to RMSNorm weights: Gemma's HF norms scale by (1 + w), llama.cpp's by w
+    extra: Callable | None = None  # (writer, config) -> None: keys only this architecture has
+
+
+def _experts_keys(w, cfg) -> None:
+    w.add_expert_count(int(getattr(cfg, "num_local_experts", None) or cfg.num_experts))
+    w.add_expert_used_count(int(cfg.num_experts_per_tok))
+    if getattr(cfg, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(int(cfg.moe_intermediate_size))
+
+
+def _gemma2_keys(w, cfg) -> None:
+    w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    w.add_sliding_window(int(cfg.sliding_window))
+
+
+# Hugging Face model_type -> how llama.cpp holds it (Mistral is llama.cpp's llama graph)
+ARCHS = {
+    "llama": Arch("LLAMA", rotary_rows=True),
+    "mistral": Arch("LLAMA", rotary_rows=True),
+    "mixtral": Arch("LLAMA", rotary_rows=True, extra=_experts_keys),
+    "qwen3_moe": Arch("QWEN3MOE", extra=_experts_keys),
+    "qwen2": Arch("QWEN2"),
+    "qwen3": Arch("QWEN3"),
+    "phi3": Arch("PHI3"),
+    "gemma": Arch("GEMMA", norm_offset=1.0),
+    "gemma2": Arch("GEMMA2", norm_offset=1.0, extra=_gemma2_keys),
+}
+
+
+def _arch(model_type: str | None) -> Arch:
+    if model_type not in ARCHS:
+        raise LowbitError(f"GGUF export does not know the {model_type!r} architecture "
+                          f"(it writes {', '.join(ARCHS)})")
+    return ARCHS[model_type]
+
+
+@functools.lru_cache(maxsize=16)
+def _name_map(gguf_arch: str, n_blocks: int):
+    gguf = _gguf()
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch), n_blocks)
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def gguf_name(param_name: str, model_type: str = "llama") -> str | None:
+    """llama.cpp's name of a Hugging Face parameter ("model.layers.3.mlp.up_proj.weight" ->
+    "blk.3.ffn_up.weight"), from the gguf package's tables; None when it has none. An expert's
+    ("mlp.experts.5.up_proj.weight") is the name of the tensor that stacks the block's experts
+    ("blk.3.ffn_up_exps.weight")."""
+    module, _, kind = _EXPERT.sub(".experts.", param_name).rpartition(".")
+    index = re.search(r"\.(\d+)\.", module)
+    n_blocks = 64 * (int(index.group(1)) // 64 + 1) if index else 64  # the table covers blocks 0..n_blocks-1
+    name = _name_map(_arch(model_type).gguf_arch, n_blocks).get_name(module)
+    return None if name is None else f"{name}.{kind}"
 
 
 def rotary_row_order(n_rows: int, n_head: int) -> np.ndarray:
     """Row order llama.cpp expects for an HF q/k projection (convert_hf_to_gguf's permute):
     new_rows = rows[order]."""
     return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# block encoders: [rows, cols] -> uint8 [rows, cols // block * bytes_per_block]
-
-
-def _fp16_bytes(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8)
-
-
-def _block_scales(scale: np.ndarray, group: int, cols: int) -> np.ndarray:
-    """Per-32-block scales [rows, cols // 32] from per-group scales [rows, n_groups]."""
-    return np.repeat(scale, group // 32, axis=1)[:, : cols // 32]
-
-
-def encode_q4_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
-    """Q4_0 blocks from lowbit's 4-bit symmetric codes (zero 8) and signed scales."""
-    rows, cols = codes.shape
-    q = codes.astype(np.uint8).reshape(rows, cols // 32, 2, 16)
-    qs = q[:, :, 0] | (q[:, :, 1] << np.uint8(4))  # low nibbles elements 0..15, high 16..31
-    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
-    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
-
-
-def encode_q8_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
-    """Q8_0 blocks from lowbit's 8-bit symmetric codes (zero 128) and signed scales."""
-    rows, cols = codes.shape
-    qs = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(rows, cols // 32, 32)
-    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
-    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
-
-
-def _qkx2_scales(x: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20):
-    """ggml's make_qkx2_quants for many sub-blocks at once, x [n, 32] -> (scale [n], -min [n]):
-    min/max rounding, then a search over nstep slightly different scales, each refit by weighted
-    least squares (weights av_x + |x|), keeping the smallest weighted squared error."""
-    av_x = np.sqrt((x * x).mean(-1, keepdims=True))
-    wts = av_x + np.abs(x)
-    sum_w, sum_x = wts.sum(-1), (wts * x).sum(-1)
-    mn = np.minimum(x.min(-1), 0.0)
-    mx = x.max(-1)
-    rng = mx - mn
-    flat = rng == 0
-    rng = np.where(flat, 1.0, rng)
-    scale = rng / nmax
-    q = np.clip(np.rint((x - mn[:, None]) / scale[:, None]), 0, nmax)
-    best = (wts * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(-1)
-    best_scale, best_min = scale.copy(), mn.copy()
-    for i in range(nstep + 1):
-        iscale = (rmin + rdelta * i + nmax) / rng
-        q = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-        sum_l, sum_l2, sum_xl = (wts * q).sum(-1), (wts * q * q).sum(-1), (wts * q * x).sum(-1)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        with np.errstate(divide="ignore", invalid="ignore"):
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-            pos = this_min > 0
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            this_min = np.where(pos, 0.0, this_min)
-            err = (wts * (this_scale[:, None] * q + this_min[:, None] - x) ** 2).sum(-1)
-        better = (det > 0) & (err < best)
-        best = np.where(better, err, best)
-        best_scale = np.where(better, this_scale, best_scale)
-        best_min = np.where(better, this_min, best_min)
-    return np.where(flat, 0.0, best_scale), -best_min
-
-
-def encode_q4_k(w: np.ndarray) -> np.ndarray:
-    """Q4_K super-blocks (256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and
-    mins, 128 bytes of nibbles; w = d*sc*q - dmin*m), following ggml's quantize_row_q4_K_ref:
-    each sub-block of 32 gets a scale and min (make_qkx2_quants), these are rounded to 6 bits
-    relative to the super-block's largest, and the codes are rounded with the stored scales."""
-    rows, cols = w.shape
-    x = w.astype(np.float32).reshape(-1, 8, 32)
-    nb = x.shape[0]
-    sub_scale, sub_min = _qkx2_scales(x.reshape(-1, 32))
-    sub_scale, sub_min = sub_scale.reshape(nb, 8), sub_min.reshape(nb, 8)
-    max_scale, max_min = sub_scale.max(-1, keepdims=True), sub_min.max(-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sc = np.where(max_scale > 0, np.rint(sub_scale * (63.0 / max_scale)), 0).clip(0, 63).astype(np.uint8)
-        m = np.where(max_min > 0, np.rint(sub_min * (63.0 / max_min)), 0).clip(0, 63).astype(np.uint8)
-    d = (max_scale[:, 0] / 63.0).astype(np.float16)
-    dmin = (max_min[:, 0] / 63.0).astype(np.float16)
-    eff_d = (d.astype(np.float32)[:, None] * sc)[..., None]
-    eff_m = (dmin.astype(np.float32)[:, None] * m)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(eff_d > 0, np.rint((x + eff_m) / eff_d), 0).clip(0, 15).astype(np.uint8)
-    scales = np.empty((nb, 12), dtype=np.uint8)
-    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
-    scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
-    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
-    q = q.reshape(nb, 4, 2, 32)  # pairs of sub-blocks share 32 bytes: low nibble first
-    qs = (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(nb, 128)
-    out = np.concatenate([_fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None]), scales, qs], axis=-1)
-    return out.reshape(rows, -1)
 
 
 @dataclass(frozen=True)
@@ -230,6 +183,10 @@ GGUF_TYPES = {t.name: t for t in (
       for k, f, file_type in [("q2_k", KFORMATS["q2_k"], "MOSTLY_Q2_K"), ("q3_k", KFORMATS["q3_k"], "MOSTLY_Q3_K_S"),
                               ("q5_k", KFORMATS["q5_k"], "MOSTLY_Q5_K_S"), ("q6_k", KFORMATS["q6_k"], "MOSTLY_Q6_K"),
                               ("q5_0", KFORMATS["q5_0"], "MOSTLY_Q5_0")]),
+    # llama.cpp's mixes (--scheme Q4_K_M ...): layers tuned in their types are stored as they are;
+    # int layers are requantized to the mix's base type
+    *(GGUFType(m, KFORMATS[base].ggml, file_type, bits=KFORMATS[base].bits, requantize=_requantize(base))
+      for m, (base, file_type) in MIXES.items()),
     GGUFType("f16", None, "MOSTLY_F16", float_type="f16"),
     GGUFType("f32", None, "ALL_F32", float_type="f32"),
 )}
@@ -240,11 +197,9 @@ GGUF_TYPES = {t.name: t for t in (
 
 
 def _llama_config(model):
+    """The config's numbers every architecture here shares (a decoder of llama's shape)."""
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        raise LowbitError(
-            f"GGUF export supports Llama models only, this is {getattr(cfg, 'model_type', type(model).__name__)!r}"
-        )
+    _arch(getattr(cfg, "model_type", None))
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
@@ -258,6 +213,9 @@ def _llama_config(model):
 
 def _write_metadata(w, gguf, model, name: str, file_type: int) -> None:
     cfg, n_head, n_kv, head_dim, rope, rope_type, theta = _llama_config(model)
+    extra = _arch(cfg.model_type).extra
+    if extra is not None:
+        extra(w, cfg)
     w.add_name(name)
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
@@ -430,14 +388,16 @@ def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, 
 
 def write_gguf(model, tokenizer, layers: dict, path: str, qtype: str = "q4_0", *,
                float_type: str | None = None, name: str | None = None) -> dict[str, str]:
-    """Write `model` (a Llama whose quantized Linear weights are lowbit's dequantized values) with
+    """Write `model` (a decoder of an architecture in ARCHS whose quantized Linear weights are lowbit's dequantized values) with
     its `tokenizer` to one GGUF file at `path`, the weights in `layers` (module name ->
     QuantizedWeight) stored in block type `qtype` ("q4_0", "q8_0", "q4_k"; "f16"/"f32" write every
     weight in float as a reference). Returns {gguf tensor name: how it was stored}, e.g.
     "q4_0 exact", "q4_0 requantized", "f32", "f32 (rows of 172 not a multiple of 32)".
     float_type ("f32"/"f16") overrides the type of the unquantized 2-D tensors (default: the
-    model's dtype). Raises LowbitError for a non-Llama model, an unknown qtype or tokenizer."""
+    model's dtype). Raises LowbitError for an architecture it does not know (ARCHS), an unknown
+    qtype or tokenizer."""
     _llama_config(model)  # refuse another architecture before looking for its blocks
+    split_experts(model)  # fused experts as Linear layers, as lowbit quantizes them (no-op when done)
     result = QuantizeResult(model, tokenizer, layers)
     layout = Layout.of(result)
     writer = GGUFWriter(os.fspath(path), layout, qtype, float_type=float_type, name=name)
@@ -460,9 +420,10 @@ class GGUFWriter(Writer):
         if float_type is not None and float_type not in FLOAT_TYPES:
             raise LowbitError(f"unknown float type {float_type!r} (choose from {', '.join(FLOAT_TYPES)})")
         cfg, self.n_head, self.n_kv, *_ = _llama_config(layout.model)
+        self.model_type, self.arch = cfg.model_type, _arch(cfg.model_type)
         if getattr(cfg, "tie_word_embeddings", False) and "lm_head" in layout.schemes:
             raise LowbitError("lm_head is quantized but tied to the embeddings: untie it first")
-        unknown = [n for n in layout.schemes if gguf_name(n + ".weight") is None]
+        unknown = [n for n in layout.schemes if gguf_name(n + ".weight", self.model_type) is None]
         if unknown:
             raise LowbitError(f"GGUF export cannot place quantized layer {unknown[0]!r}")
         self.path, self.layout, self.name = path, layout, name
@@ -478,25 +439,43 @@ class GGUFWriter(Writer):
                 raise LowbitError(f"the partial output lacks {self.spool}; remove it to start over")
             os.truncate(self.spool, state["length"])
         self._f = open(self.spool, "ab")
+        self.n_experts = int(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None) or 0)
+        self._experts: dict[str, dict[int, tuple]] = {}  # stacked name -> {expert: (data, raw, how)}
 
     def add(self, name, tensor, q):
-        gname = gguf_name(name)
+        gname = gguf_name(name, self.model_type)
         if gname is None:
             raise LowbitError(f"GGUF export does not know where to put parameter {name!r}")
         order = None
-        if gname.endswith(("attn_q.weight", "attn_q.bias")):
+        if self.arch.rotary_rows and gname.endswith(("attn_q.weight", "attn_q.bias")):
             order = rotary_row_order(tensor.shape[0], self.n_head)
-        elif gname.endswith(("attn_k.weight", "attn_k.bias")):
+        elif self.arch.rotary_rows and gname.endswith(("attn_k.weight", "attn_k.bias")):
             order = rotary_row_order(tensor.shape[0], self.n_kv)
+        if self.arch.norm_offset and tensor.dim() == 1 and gname.endswith("norm.weight"):
+            tensor = tensor.float() + self.arch.norm_offset
         q = q if self.block_type is not None else None
-        data, raw, self.summary[gname] = _tensor(gname, tensor, q, self.qt, self.block_type, order,
-                                                 self.float_type, self.gguf)
+        data, raw, how = _tensor(gname, tensor, q, self.qt, self.block_type, order, self.float_type, self.gguf)
+        expert = _EXPERT.search(name)
+        if expert is not None:  # llama.cpp holds a block's experts as one 3-D tensor [experts, rows, cols]
+            parts = self._experts.setdefault(gname, {})
+            parts[int(expert.group(1))] = (data, raw, how)
+            if len(parts) < self.n_experts:
+                return
+            del self._experts[gname]
+            if len({(p[1], p[0].dtype, p[0].shape) for p in parts.values()}) > 1:
+                kinds = sorted({p[2] for p in parts.values()})
+                raise LowbitError(f"GGUF stores the experts of {gname} as one tensor: they need one type, "
+                                  f"these have {', '.join(kinds)}")
+            data, raw, how = np.stack([parts[e][0] for e in range(self.n_experts)]), parts[0][1], parts[0][2]
+        self.summary[gname] = how
         data = np.ascontiguousarray(data)
         self._f.write(data.tobytes())
         self._f.write(bytes(-data.nbytes % self.align))
         self.infos.append([gname, list(data.shape), data.dtype.str, int(data.nbytes), None if raw is None else int(raw)])
 
     def commit(self):
+        if self._experts:  # a block's experts all arrive before its commit
+            raise LowbitError(f"GGUF export got only some experts of {next(iter(self._experts))}")
         self._f.flush()
         os.fsync(self._f.fileno())
         return {"infos": self.infos, "summary": self.summary, "length": self._f.tell()}
@@ -505,10 +484,12 @@ class GGUFWriter(Writer):
         gguf, layout = self.gguf, self.layout
         self._f.close()
         tmp = self.path + ".tmp"
-        w = gguf.GGUFWriter(tmp, "llama")
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, self.arch.gguf_arch)])
         try:
             name = self.name or os.path.splitext(os.path.basename(self.path))[0]
-            _write_metadata(w, gguf, layout.model, name, int(getattr(gguf.LlamaFileType, self.qt.file_type)))
+            # the file type a mix's layers follow, whatever the option that re-encodes int layers
+            file_type = MIXES[layout.recipe][1] if layout.recipe in MIXES else self.qt.file_type
+            _write_metadata(w, gguf, layout.model, name, int(getattr(gguf.LlamaFileType, file_type)))
             _write_tokenizer(w, gguf, layout.tokenizer, int(layout.model.get_input_embeddings().weight.shape[0]))
             for gname, shape, dtype, nbytes, raw in self.infos:
                 w.add_tensor_info(gname, shape, np.dtype(dtype), nbytes,
@@ -542,7 +523,7 @@ def read_gguf_weights(path: str) -> dict[str, np.ndarray]:
 
 
 class GGUF(Format):
-    """One llama.cpp file, model-{type}.gguf (Llama architecture only); lowbit does not load it."""
+    """One llama.cpp file, model-{type}.gguf (the architectures in ARCHS); lowbit does not load it."""
 
     name = "gguf"
     loaded_by = "llama.cpp"
@@ -553,8 +534,8 @@ class GGUF(Format):
         return GGUF_TYPES[self.option].check(scheme)
 
     def check_model(self, model_type):
-        if model_type is not None and model_type != "llama":
-            return f"GGUF export supports the llama architecture, not {model_type}"
+        if model_type is not None and model_type not in ARCHS:
+            return f"GGUF export does not know the {model_type!r} architecture (it writes {', '.join(ARCHS)})"
         return None
 
     def open(self, folder, layout, state=None):

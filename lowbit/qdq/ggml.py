@@ -99,3 +99,99 @@ def pack(name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     else:  # q6_k
         parts = [_fields(c & 15, 4, 64), _fields(c >> 4, 2, 32), sc.astype(np.int8).view(np.uint8), _fp16(d)]
     return np.concatenate(parts, axis=1).reshape(out_f, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders of integer codes and float weights, for the gguf format's q4_0/q8_0 (exact) and q4_k
+# (re-encoded) options: [rows, cols] -> uint8 [rows, cols // block * bytes_per_block]
+
+
+def _fp16_bytes(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(np.float16)).view(np.uint8)
+
+
+def _block_scales(scale: np.ndarray, group: int, cols: int) -> np.ndarray:
+    """Per-32-block scales [rows, cols // 32] from per-group scales [rows, n_groups]."""
+    return np.repeat(scale, group // 32, axis=1)[:, : cols // 32]
+
+
+def encode_q4_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Q4_0 blocks from lowbit's 4-bit symmetric codes (zero 8) and signed scales."""
+    rows, cols = codes.shape
+    q = codes.astype(np.uint8).reshape(rows, cols // 32, 2, 16)
+    qs = q[:, :, 0] | (q[:, :, 1] << np.uint8(4))  # low nibbles elements 0..15, high 16..31
+    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def encode_q8_0_exact(codes: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
+    """Q8_0 blocks from lowbit's 8-bit symmetric codes (zero 128) and signed scales."""
+    rows, cols = codes.shape
+    qs = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(rows, cols // 32, 32)
+    d = _fp16_bytes(_block_scales(scale, group, cols)[..., None])
+    return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def _qkx2_scales(x: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1, nstep: int = 20):
+    """ggml's make_qkx2_quants for many sub-blocks at once, x [n, 32] -> (scale [n], -min [n]):
+    min/max rounding, then a search over nstep slightly different scales, each refit by weighted
+    least squares (weights av_x + |x|), keeping the smallest weighted squared error."""
+    av_x = np.sqrt((x * x).mean(-1, keepdims=True))
+    wts = av_x + np.abs(x)
+    sum_w, sum_x = wts.sum(-1), (wts * x).sum(-1)
+    mn = np.minimum(x.min(-1), 0.0)
+    mx = x.max(-1)
+    rng = mx - mn
+    flat = rng == 0
+    rng = np.where(flat, 1.0, rng)
+    scale = rng / nmax
+    q = np.clip(np.rint((x - mn[:, None]) / scale[:, None]), 0, nmax)
+    best = (wts * (scale[:, None] * q + mn[:, None] - x) ** 2).sum(-1)
+    best_scale, best_min = scale.copy(), mn.copy()
+    for i in range(nstep + 1):
+        iscale = (rmin + rdelta * i + nmax) / rng
+        q = np.clip(np.rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
+        sum_l, sum_l2, sum_xl = (wts * q).sum(-1), (wts * q * q).sum(-1), (wts * q * x).sum(-1)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = np.where(pos, 0.0, this_min)
+            err = (wts * (this_scale[:, None] * q + this_min[:, None] - x) ** 2).sum(-1)
+        better = (det > 0) & (err < best)
+        best = np.where(better, err, best)
+        best_scale = np.where(better, this_scale, best_scale)
+        best_min = np.where(better, this_min, best_min)
+    return np.where(flat, 0.0, best_scale), -best_min
+
+
+def encode_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K super-blocks (256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit sub-block scales and
+    mins, 128 bytes of nibbles; w = d*sc*q - dmin*m), following ggml's quantize_row_q4_K_ref:
+    each sub-block of 32 gets a scale and min (make_qkx2_quants), these are rounded to 6 bits
+    relative to the super-block's largest, and the codes are rounded with the stored scales."""
+    rows, cols = w.shape
+    x = w.astype(np.float32).reshape(-1, 8, 32)
+    nb = x.shape[0]
+    sub_scale, sub_min = _qkx2_scales(x.reshape(-1, 32))
+    sub_scale, sub_min = sub_scale.reshape(nb, 8), sub_min.reshape(nb, 8)
+    max_scale, max_min = sub_scale.max(-1, keepdims=True), sub_min.max(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(max_scale > 0, np.rint(sub_scale * (63.0 / max_scale)), 0).clip(0, 63).astype(np.uint8)
+        m = np.where(max_min > 0, np.rint(sub_min * (63.0 / max_min)), 0).clip(0, 63).astype(np.uint8)
+    d = (max_scale[:, 0] / 63.0).astype(np.float16)
+    dmin = (max_min[:, 0] / 63.0).astype(np.float16)
+    eff_d = (d.astype(np.float32)[:, None] * sc)[..., None]
+    eff_m = (dmin.astype(np.float32)[:, None] * m)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(eff_d > 0, np.rint((x + eff_m) / eff_d), 0).clip(0, 15).astype(np.uint8)
+    scales = np.empty((nb, 12), dtype=np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    q = q.reshape(nb, 4, 2, 32)  # pairs of sub-blocks share 32 bytes: low nibble first
+    qs = (q[:, :, 0] | (q[:, :, 1] << np.uint8(4))).reshape(nb, 128)
+    out = np.concatenate([_fp16_bytes(d[:, None]), _fp16_bytes(dmin[:, None]), scales, qs], axis=-1)
+    return out.reshape(rows, -1)

@@ -1,0 +1,169 @@
+"""llama.cpp's mixes (lowbit/lowbit/mixes.py): the per-tensor types follow llama.cpp's rules
+(llama_tensor_get_type in src/llama-quant.cpp), the embedding and output are rounded too, and the
+GGUF file holds exactly the fake-quantized model's weights in the mix's types."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.mixes import expand_mix, mix_name, tensor_type, use_more_bits
+from lowbit.errors import LowbitError
+from lowbit.pipeline import quantize_outside
+from lowbit.schemes import get_scheme
+
+from conftest import ASSETS, need_assets
+
+PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
+
+
+def types(mix, category, n=32, gqa=1, n_expert=1):
+    return [tensor_type(mix, category, i, n, gqa, n_expert) for i in range(n)]
+
+
+def test_layers_that_get_more_bits():
+    # 32 layers: the first 4, the last 4, and every third between (6, 9, ..., 27)
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    # 6 layers (pycode-7m): n/8 = 0, so layers 2 and 5 (every third) and 5 (7n/8 = 5)
+    assert [i for i in range(6) if use_more_bits(i, 6)] == [2, 5]
+
+
+def test_mix_rules_as_llama_cpp_states_them():
+    more = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
+    q4km = ["q6_k" if i in more else "q4_k" for i in range(32)]
+    assert types("q4_k_m", "attn_v") == q4km and types("q4_k_m", "ffn_down") == q4km
+    assert set(types("q4_k_m", "attn_q") + types("q4_k_m", "ffn_up") + types("q4_k_m", "attn_output")) == {"q4_k"}
+    # Q3_K_M: attn_v Q5_K in the first two layers, Q4_K after; ffn_down Q5_K in the first 32/16; attn_output Q4_K
+    assert types("q3_k_m", "attn_v") == ["q5_k"] * 2 + ["q4_k"] * 30
+    assert types("q3_k_m", "ffn_down") == ["q5_k"] * 2 + ["q4_k"] * 30
+    assert set(types("q3_k_m", "attn_output")) == {"q4_k"} and set(types("q3_k_m", "ffn_gate")) == {"q3_k"}
+    assert set(types("q3_k_s", "attn_v") + types("q3_k_s", "ffn_down")) == {"q3_k"}
+    assert set(types("q3_k_l", "attn_v") + types("q3_k_l", "ffn_down") + types("q3_k_l", "attn_output")) == {"q5_k"}
+    # Q2_K_S: ffn_down Q4_K in the first eighth; attn_v Q4_K only with grouped-query attention of 4+
+    assert types("q2_k_s", "ffn_down") == ["q4_k"] * 4 + ["q2_k"] * 28
+    assert set(types("q2_k_s", "attn_v", gqa=1)) == {"q2_k"} and set(types("q2_k_s", "attn_v", gqa=4)) == {"q4_k"}
+    # Q4_K_S: attn_v Q5_K in the first 4, ffn_down in the first eighth
+    assert types("q4_k_s", "attn_v") == ["q5_k"] * 4 + ["q4_k"] * 28
+    assert types("q4_k_s", "ffn_down") == ["q5_k"] * 4 + ["q4_k"] * 28
+    # 8 experts (Mixtral): attn_v and attn_k Q8_0, attn_output Q5_K
+    assert set(types("q4_k_m", "attn_v", n_expert=8) + types("q4_k_m", "attn_k", n_expert=8)) == {"q8_0"}
+    assert set(types("q3_k_m", "attn_output", n_expert=8)) == {"q5_k"}
+    # fused attention (phi3)
+    assert set(types("q4_k_m", "attn_qkv")) == {"q5_k"} and set(types("q3_k_s", "attn_qkv")) == {"q3_k"}
+
+
+def test_mix_names():
+    assert mix_name("Q4_K_M") == "q4_k_m" and mix_name("gguf:q3_k_m") == "q3_k_m"
+    assert mix_name("Q4_K") is None and mix_name("W4A16") is None and mix_name(get_scheme("W4A16")) is None
+    with pytest.raises(LowbitError, match="unknown llama.cpp mix 'Q9_K_M'"):
+        expand_mix("Q9_K_M", None, [], "model.layers")
+
+
+def _model(tied: bool, hidden: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=300, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("tied,hidden,outside", [
+    (False, 256, {"model.embed_tokens": "gguf:q3_k", "lm_head": "gguf:q6_k"}),
+    (True, 256, {"model.embed_tokens": "gguf:q6_k"}),  # one tensor for both: the output's type
+    (True, 320, {"model.embed_tokens": "gguf:q8_0"}),  # rows that are not whole super-blocks
+])
+def test_outside_the_blocks(tied, hidden, outside):
+    from lowbit.allocate.plan import block_layers
+
+    model = _model(tied, hidden)
+    m = expand_mix("Q3_K_M", model, list(block_layers(model)), "model.layers")
+    assert {k: s.name for k, s in m.outside.items()} == outside
+    assert m.file_type == "MOSTLY_Q3_K_M" and m.scheme.name == "gguf:q3_k"
+    assert m.layers["model.layers.0.self_attn.v_proj"].name == "gguf:q5_k"
+    assert m.layers["model.layers.2.self_attn.v_proj"].name == "gguf:q4_k"
+    assert m.layers["model.layers.7.mlp.up_proj"].name == "gguf:q3_k"
+    # 4 heads over 1 kv head (gqa 4): Q2_K_S gives attn_v Q4_K
+    m2 = expand_mix("Q2_K_S", model, list(block_layers(model)), "model.layers")
+    assert m2.layers["model.layers.5.self_attn.v_proj"].name == "gguf:q4_k"
+
+
+def test_outside_rounding_searches_the_range_and_chunks_alike():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 512, generator=g) * 0.02
+    w[3, 5] = 0.5
+    for name in ("gguf:q2_k", "gguf:q4_k", "gguf:q6_k"):
+        scheme = get_scheme(name)
+        searched = quantize_outside(w, scheme)
+        plain = lowbit.quantized.quantize_weight(w, scheme)
+        err = lambda q: (q.dequantize() - w).pow(2).sum().item()  # noqa: E731
+        assert err(searched) <= err(plain)
+        if name == "gguf:q2_k":
+            assert err(searched) < 0.95 * err(plain)
+        chunked = quantize_outside(w, scheme, rows=7)
+        assert torch.equal(chunked.dequantize(), searched.dequantize())
+        assert torch.equal(chunked.codes, searched.codes)
+
+
+def test_outside_of_a_bad_module_is_refused():
+    model = _model(False, 256)
+    with pytest.raises(LowbitError, match="model.norm has a 1-D weight"):
+        lowbit.quantize(model, "gguf:q4_k", "rtn", outside={"model.norm": "gguf:q4_k"}, progress=False)
+    with pytest.raises(LowbitError, match="no module 'model.nothing'"):
+        lowbit.quantize(model, "gguf:q4_k", "rtn", outside={"model.nothing": "gguf:q4_k"}, progress=False)
+
+
+def test_mix_through_the_cli_writes_the_fake_weights_in_llama_cpp_types(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    from lowbit.allocate.plan import block_layers
+    from lowbit.export.gguf import gguf_name, read_gguf_weights, rotary_row_order
+    from lowbit.model import load_model
+
+    need_assets()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", PYCODE, "--scheme", "Q3_K_M", "--algorithm", "rtn",
+                        "--format", "fake,gguf", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "left in full precision: none" in r.stdout and "gguf-q3_k_m/" in r.stdout
+    assert "outside the blocks model.embed_tokens gguf:q3_k, lm_head gguf:q6_k" in r.stderr
+    path = out / "gguf-q3_k_m" / "model-q3_k_m.gguf"
+    reader = gguf.GGUFReader(path)
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
+    kinds = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+
+    model, _ = load_model(PYCODE)
+    mix = expand_mix("Q3_K_M", model, list(block_layers(model)), "model.layers")
+    expected = {gguf_name(n + ".weight"): s.dtype for n, s in {**mix.layers, **mix.outside}.items()}
+    assert {k: kinds[k] for k in expected} == expected
+    assert expected["token_embd.weight"] == "q3_k" and expected["output.weight"] == "q6_k"
+    assert expected["blk.0.attn_v.weight"] == "q5_k" and expected["blk.0.ffn_gate.weight"] == "q3_k"
+
+    got = read_gguf_weights(path)
+    cfg = model.config
+    for name, t in load_file(out / "fake" / "model.safetensors").items():
+        g, a = gguf_name(name), t.float().numpy()
+        if ".attn_q." in g:
+            a = a[rotary_row_order(a.shape[0], cfg.num_attention_heads)]
+        elif ".attn_k." in g:
+            a = a[rotary_row_order(a.shape[0], cfg.num_key_value_heads)]
+        assert np.array_equal(got[g].reshape(a.shape), a), g
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "Q4_K_M", "--bits", "3"], "--scheme Q4_K_M sets every layer's type; it does not take --bits"),
+    (["--scheme", "q4_k_m", "--quantize-lm-head"], "it does not take --quantize-lm-head"),
+    (["--scheme", "Q4_K_M", "--format", "auto_round"], "format auto_round stores integer weights, not q4_k"),
+])
+def test_bad_mix_input_is_refused_before_work(args, message, tmp_path):
+    need_assets()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", PYCODE, "--algorithm", "rtn", "--out", str(out),
+                        *args], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
+    assert sum("error" in line for line in r.stderr.splitlines()) == 1
+    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
