@@ -9,6 +9,7 @@ W8A16G32 symmetric, each written as q4_0, q8_0, q4_k and f32; first N windows of
 heldout.txt.
 
     python bench/gguf_llamacpp.py --kquants q2_k q3_k q4_k_m [--iters 200] [--rtn] [--model smollm2]
+    python bench/gguf_llamacpp.py --kquants q3_k --plans 3.0 3.4375
 
 k-quants instead: lowbit SignRound on each type's own grid, written to GGUF, against llama.cpp's
 own quantizer (llama_model_quantize, no importance matrix) on an f16 GGUF of the original, for the
@@ -18,7 +19,8 @@ lowbit/mixes.py) follows llama.cpp's own per-tensor rules, the embedding and out
 so the whole files compare. 128 calibration windows of 256 tokens; --rtn adds lowbit's round to
 nearest of each, to tell the rounding from the tuning. llama.cpp's perplexity of every file on the
 same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of the
-block Linear weights alone.
+block Linear weights alone. --plans adds `--target-bits` plans over Q2_K/Q3_K/Q4_K/Q6_K (scales
+counted: Q3_K is 3.4375 bits a weight) against the uniform type.
 """
 from __future__ import annotations
 
@@ -67,6 +69,9 @@ LLAMA_FTYPES = {"q2_k": ["MOSTLY_Q2_K"], "q3_k": ["MOSTLY_Q3_K_S", "MOSTLY_Q3_K_
                 "q2_k_s": ["MOSTLY_Q2_K"], "q3_k_s": ["MOSTLY_Q3_K_S"], "q3_k_m": ["MOSTLY_Q3_K_M"],
                 "q3_k_l": ["MOSTLY_Q3_K_L"], "q4_k_s": ["MOSTLY_Q4_K_S"], "q4_k_m": ["MOSTLY_Q4_K_M"],
                 "q5_k_s": ["MOSTLY_Q5_K_S"], "q5_k_m": ["MOSTLY_Q5_K_M"]}
+
+
+PLAN_OPTIONS = "gguf:q2_k,gguf:q3_k,gguf:q4_k,gguf:q6_k"
 
 
 def block_bytes(path: str) -> int:
@@ -152,6 +157,26 @@ def kquants(args) -> None:
                 who = f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)" if algo == "signround" else "lowbit RTN"
                 rows.append((who, kind, llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
                 print(rows[-1], flush=True)
+        for bits in args.plans or []:
+            from lowbit.allocate.plan import make_plan, plan_schemes
+
+            m, _ = load_model(folder)
+            t0 = time.perf_counter()
+            plan = make_plan(m, PLAN_OPTIONS, bits, calib[:16], tune_iters=50)
+            r = lowbit.quantize(m, "gguf:q3_k", lowbit.SignRound(iters=args.iters), calib, tokenizer=tok, nsamples=128,
+                                seqlen=SEQLEN, overrides=plan_schemes(plan), progress=False)
+            seconds = time.perf_counter() - t0
+            path = os.path.join(tmp, f"lowbit-plan-{bits}.gguf")
+            write_gguf(m, tok, r.layers, path, "q3_k", name=args.model)
+            ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
+            counts = {}
+            for entry in plan["layers"].values():
+                counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
+            mix = ", ".join(f"{n} {o.removeprefix('gguf:').upper()}" for o, n in sorted(counts.items()))
+            rows.append((f"lowbit plan, SignRound {args.iters} iters ({seconds:.0f} s with the plan)",
+                         f"--target-bits {bits}: {plan['achieved_bits']:.3f} bits ({mix}), f32 outside the blocks",
+                         llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
+            print(rows[-1], flush=True)
     print(f"\n{about}\n")
     print("| quantizer | type | llama.cpp ppl | lowbit ppl (same weights) | file MB | block weights MB |")
     print("|---|---|---|---|---|---|")
@@ -166,6 +191,9 @@ def main():
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--model", choices=["pycode-7m", "smollm2"], default="pycode-7m")
     p.add_argument("--rtn", action="store_true", help="also lowbit's round to nearest of each type")
+    p.add_argument("--plans", nargs="+", type=float,
+                   help="also --target-bits plans over Q2_K/Q3_K/Q4_K/Q6_K at these average bits (DeltaLoss after "
+                        "50 SignRound iterations per option, exact DP), with --kquants")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     try:

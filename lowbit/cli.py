@@ -174,11 +174,7 @@ def cmd_quantize(args) -> None:
         raise LowbitError("give --plan or --target-bits, not both")
     plan = read_plan(args.plan) if args.plan else None
     formats = parse_formats(args.format)
-    if mix is not None:  # a plain "gguf" writes the mix's file (model-q4_k_m.gguf)
-        plain = [f.strip().lower() for f in args.format.split(",")].count("gguf")
-        for f in formats:
-            if plain and f.name == "gguf":
-                f.option = mix
+    _gguf_option(formats, args.format, mix)
     planned = [lowbit.get_scheme(f"gguf:{MIXES[mix][0]}") if mix else scheme]
     planned += list(plan_schemes(plan).values()) if plan else []
     if args.target_bits is not None:
@@ -364,6 +360,14 @@ def _eval(model, tokenizer, args) -> dict:
                     progress=not getattr(args, "quiet", False))
 
 
+def _gguf_option(formats, spec: str, mix: str | None) -> None:
+    """A plain "gguf" in spec writes a llama.cpp mix's file (model-q4_k_m.gguf) for a mix's layers."""
+    if mix is not None and "gguf" in [f.strip().lower() for f in spec.split(",")]:
+        for f in formats:
+            if f.name == "gguf" and f.option == f.default_option:
+                f.option = mix
+
+
 def _name(scheme) -> str:
     """A scheme's name, or a llama.cpp mix's ("Q4_K_M")."""
     return scheme.upper() if isinstance(scheme, str) else scheme.name
@@ -417,6 +421,7 @@ def cmd_export(args) -> None:
         raise LowbitError(f"model folder not found: {args.model}")
     with _step(args, f"reading {args.model}"):
         result = read_quantized(args.model)
+    _gguf_option(formats, args.format, result.report.get("recipe"))
     with _step(args, f"writing {', '.join(f.tag for f in formats)}"):
         out = export(result, args.out, formats, overwrite=args.overwrite)
     print(f"exported {len(result.layers)} quantized layers of {args.model} as {', '.join(f.tag for f in formats)}")

@@ -143,3 +143,52 @@ def test_llama_cpp_computes_what_transformers_does(model_type, tmp_path):
     got = llama_cpp_logits(tmp_path / "q4_k.gguf", ids.tolist())
     assert (got - ref).abs().mean().item() < 0.05 * spread, model_type
     assert math.isfinite(got.sum().item())
+
+
+QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+
+
+def qwen2_style_tokenizer(text: str):
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer (its Split regex, then ByteLevel),
+    trained here on `text`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([text], trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+
+
+def test_qwen2_tokenizer_is_named_for_llama_cpp(tmp_path):
+    """Qwen2's byte-level BPE (digits split one by one) is written as llama.cpp's "qwen2"
+    pre-tokenizer; with llama-cpp-python there, llama.cpp tokenizes a text as transformers does."""
+    from conftest import ASSETS
+
+    need_assets()
+    with open(f"{ASSETS}/text/wikitext2_valid.tokens") as f:
+        text = f.read()[:200_000]
+    tok = qwen2_style_tokenizer(text)
+    cfg = CONFIGS["qwen2"]()
+    cfg.vocab_size = len(tok)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    path = tmp_path / "q.gguf"
+    write_gguf(model, tok, {}, path, "f16")
+    fields = gguf.GGUFReader(path).fields
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    sample = text[5000:8000] + " 12345 year 2024, x=10.5"
+    assert llm.tokenize(sample.encode(), add_bos=False, special=False) == tok(sample, add_special_tokens=False)["input_ids"]
+    llm.close()

@@ -63,8 +63,9 @@ class FakeWriter(Writer):
             layer = name.removesuffix(".weight")
             self.codes.add(f"{layer}.codes", q.codes)
             self.codes.add(f"{layer}.scale", q.scale.float())
-            if q.zero is not None:
-                self.codes.add(f"{layer}.zero", q.zero.to(q.codes.dtype))
+            if q.zero is not None:  # zero points in the codes' dtype; offsets (k-quant mins) in float
+                zero = q.zero.to(q.codes.dtype)
+                self.codes.add(f"{layer}.zero", zero if torch.equal(zero.to(q.zero.dtype), q.zero) else q.zero.float())
             for key in sorted(q.extras):  # the data type's, and a calibrated input scale
                 self.codes.add(f"{layer}.{key}", q.extras[key].float())
 

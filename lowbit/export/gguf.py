@@ -333,6 +333,8 @@ def _is_byte_level(pre: dict) -> bool:
 
 
 _LLAMA3_REGEX = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+# llama.cpp's name for each Split regex it knows (Qwen2's splits digits one by one, Llama 3's by threes)
+_SPLIT_NAMES = {_LLAMA3_REGEX: "llama-bpe", _LLAMA3_REGEX.replace("\\p{N}{1,3}", "\\p{N}"): "qwen2"}
 
 
 def _bpe_pre_name(pre: dict) -> str:
@@ -341,9 +343,10 @@ def _bpe_pre_name(pre: dict) -> str:
         return "gpt-2"  # ByteLevel's built-in regex is GPT-2's
     if pre.get("type") == "Sequence":
         splits = [p for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
-        if len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX:
-            return "llama-bpe"
-    raise LowbitError("GGUF export cannot name this byte-level BPE pre-tokenizer for llama.cpp (known: GPT-2, Llama 3)")
+        if len(splits) == 1 and splits[0].get("pattern", {}).get("Regex") in _SPLIT_NAMES:
+            return _SPLIT_NAMES[splits[0]["pattern"]["Regex"]]
+    raise LowbitError("GGUF export cannot name this byte-level BPE pre-tokenizer for llama.cpp "
+                      "(known: GPT-2, Llama 3, Qwen2)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""llama.cpp's mixes (lowbit/lowbit/mixes.py): the per-tensor types follow llama.cpp's rules
+"""llama.cpp's mixes (lowbit/mixes.py): the per-tensor types follow llama.cpp's rules
 (llama_tensor_get_type in src/llama-quant.cpp), the embedding and output are rounded too, and the
 GGUF file holds exactly the fake-quantized model's weights in the mix's types."""
 import os
@@ -152,6 +152,13 @@ def test_mix_through_the_cli_writes_the_fake_weights_in_llama_cpp_types(tmp_path
         elif ".attn_k." in g:
             a = a[rotary_row_order(a.shape[0], cfg.num_key_value_heads)]
         assert np.array_equal(got[g].reshape(a.shape), a), g
+
+    # re-exported from the fake folder: the same file, named for the mix
+    again = tmp_path / "again"
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(out / "fake"), "--format", "gguf",
+                        "--out", str(again)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (again / "model-q3_k_m.gguf").read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("args,message", [
