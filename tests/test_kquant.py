@@ -183,17 +183,6 @@ def test_layers_without_whole_super_blocks_fall_back():
     (["--scheme", "gguf:q6_k", "--group-size", "32"], "Q6_K is 6-bit, groups of 16, symmetric"),
 ])
 def test_bad_k_quant_input_is_refused_before_work(args, message, tmp_path):
-    import os
-    import subprocess
-    import sys
+    from conftest import STORIES, assert_quantize_refused
 
-    from conftest import STORIES, need_assets
-
-    need_assets()
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", STORIES, "--algorithm", "rtn", "--out", str(out),
-                        *args], capture_output=True, text=True)
-    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
-    # one error line (a width is known once the model's config is read: progress lines may come first)
-    assert sum("error" in line for line in r.stderr.splitlines()) == 1
-    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+    assert_quantize_refused(STORIES, args, message, tmp_path)

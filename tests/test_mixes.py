@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.pipeline import quantize_outside
 from lowbit.schemes import get_scheme
 
-from conftest import ASSETS, need_assets
+from conftest import ASSETS, assert_quantize_refused, need_assets
 
 PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
 
@@ -167,10 +167,4 @@ def test_mix_through_the_cli_writes_the_fake_weights_in_llama_cpp_types(tmp_path
     (["--scheme", "Q4_K_M", "--format", "auto_round"], "format auto_round stores integer weights, not q4_k"),
 ])
 def test_bad_mix_input_is_refused_before_work(args, message, tmp_path):
-    need_assets()
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", PYCODE, "--algorithm", "rtn", "--out", str(out),
-                        *args], capture_output=True, text=True)
-    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
-    assert sum("error" in line for line in r.stderr.splitlines()) == 1
-    assert not os.path.exists(out) and not os.path.exists(f"{out}.partial")
+    assert_quantize_refused(PYCODE, args, message, tmp_path)
