@@ -58,6 +58,9 @@ def test_random_codes_and_scales_round_trip(name):
     d = (torch.rand(out_f, ns, generator=g) * 0.01).half().float()
     if not fmt.sub_levels:
         scale, zero, extras = d.clone(), None, {"super_scale": d}
+        if fmt.mins:  # Q4_1/Q5_1: an fp16 offset of either sign
+            zero = ((torch.rand(out_f, ns, generator=g) - 0.5) * 0.02).half().float()
+            extras["super_min"] = zero
     else:
         lo, hi = (0, fmt.sub_levels) if fmt.mins else (-fmt.sub_levels // 2, fmt.sub_levels // 2)
         sc = torch.randint(lo, hi, (out_f, ng), generator=g).float()

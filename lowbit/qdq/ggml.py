@@ -8,6 +8,7 @@ Layouts (ggml-common.h; bytes in this order per super-block of 256, or block of 
     Q5_K  d, dmin, scales[12], qh[32] (each code's bit 4), qs[128] (bits 0-3)
     Q6_K  ql[128] (bits 0-3), qh[64] (bits 4-5), scales[16] (int8), d
     Q4_0  d, qs[16];  Q5_0  d, qh[4], qs[16];  Q8_0  d, qs[32] (int8)
+    Q4_1  d, m, qs[16];  Q5_1  d, m, qh[4], qs[16]   (m: the block's min, y = d * q + m)
 d and dmin are float16. A 2-bit field of code e in a 128-code half sits in byte e % 32 of its 32
 (or 64) bytes at shift 2 * ((e % 128) // 32); nibbles likewise by 32 (Q4_K/Q5_K) or 64 (Q6_K).
 """
@@ -75,14 +76,16 @@ def pack(name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     c = codes.numpy().astype(np.uint8).reshape(rows, fmt.weights_per_block)
     dl = scale.float().numpy().reshape(rows, fmt.per)
     d = extras["super_scale"].float().numpy().reshape(rows, 1)
-    if not fmt.sub_levels:  # legacy: one fp16 scale per block
+    if not fmt.sub_levels:  # legacy: one fp16 scale (and for Q4_1/Q5_1 an fp16 min) per block
         parts = [_fp16(d)]
+        if fmt.mins:  # m = the block's min: y = d * q + m, lowbit's offset is -m
+            parts.append(_fp16(-extras["super_min"].float().numpy().reshape(rows, 1)))
         if fmt.bits == 8:
             parts.append((c.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
         else:
             parts.append(_fields(c & 15, 4, 16))
             if fmt.bits == 5:
-                parts.insert(1, np.packbits((c >> 4) & 1, axis=1, bitorder="little"))
+                parts.insert(len(parts) - 1, np.packbits((c >> 4) & 1, axis=1, bitorder="little"))
         return np.concatenate(parts, axis=1).reshape(out_f, -1)
     sc = _small_ints(dl, d)
     if fmt.mins:

@@ -1,5 +1,5 @@
 """llama.cpp's block types as data types: the k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and the
-legacy Q4_0, Q5_0, Q8_0. The values here are exactly the values llama.cpp decodes from the bytes
+legacy Q4_0, Q4_1, Q5_0, Q5_1, Q8_0. The values here are exactly the values llama.cpp decodes from the bytes
 `ggml.py` packs (tests/test_kquant.py checks both against the `gguf` package's dequantizers).
 
 k-quants group 256 weights into a super-block with an fp16 scale d (and, for the types with mins,
@@ -8,6 +8,7 @@ an fp16 dmin); each sub-block of 16 or 32 weights has its own small integer scal
     Q2_K, Q4_K, Q5_K   y = (d * sc) * c - (dmin * m)    c in [0, 2^b - 1]; sc, m in [0, 15] (Q2_K) or [0, 63]
     Q3_K, Q6_K         y = (d * sc) * (c - 2^(b-1))     sc in [-32, 31] (Q3_K, 6 bits) or [-128, 127] (Q6_K)
     Q4_0, Q5_0, Q8_0   y = d * (c - 2^(b-1))            one fp16 d per block of 32
+    Q4_1, Q5_1         y = d * c - m0                   one fp16 d and fp16 m0 (minus the min) per block
 
 How a block's numbers are chosen (and tuned): each sub-block's float scale comes from its range as
 for lowbit's int type (asymmetric: (max - min) / (2^b - 1) and min; symmetric: the largest
@@ -61,14 +62,16 @@ FORMATS = {
     "q5_k": KFormat("Q5_K", 5, 32, 64, True, 176),
     "q6_k": KFormat("Q6_K", 6, 16, 256, False, 210),
     "q4_0": KFormat("Q4_0", 4, 32, 0, False, 18),
+    "q4_1": KFormat("Q4_1", 4, 32, 0, True, 20),
     "q5_0": KFormat("Q5_0", 5, 32, 0, False, 22),
+    "q5_1": KFormat("Q5_1", 5, 32, 0, True, 24),
     "q8_0": KFormat("Q8_0", 8, 32, 0, False, 34),
 }
 
 
-# What stands in for a type on a layer whose rows are not whole super-blocks, as llama.cpp's own
-# quantizer does (it has Q4_1/Q5_1/IQ4_NL too; these are the nearest lowbit has).
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q8_0", "q6_k": "q8_0"}
+# What stands in for a type on a layer whose rows are not whole super-blocks: llama.cpp's own
+# quantizer's choice (tensor_type_fallback in src/llama-quant.cpp).
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def fp16_ste(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +102,10 @@ def block_numbers(fmt: KFormat, wmin, wmax, min_scale=None, max_scale=None):
     if max_scale is not None:
         wmax = wmax * max_scale
     half = 2 ** (fmt.bits - 1)
+    if fmt.mins and not fmt.sub_levels:  # Q4_1, Q5_1: an fp16 scale and an fp16 offset per block
+        d = fp16_ste((wmax - wmin) / (2**fmt.bits - 1))
+        ml = fp16_ste(-wmin)
+        return d, ml, d, ml
     if fmt.mins:
         top = fmt.sub_levels - 1
         s = (wmax - wmin) / (2**fmt.bits - 1)
