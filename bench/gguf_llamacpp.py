@@ -162,7 +162,7 @@ def kquants(args) -> None:
 
             m, _ = load_model(folder)
             t0 = time.perf_counter()
-            plan = make_plan(m, PLAN_OPTIONS, bits, calib[:16], tune_iters=50)
+            plan = make_plan(m, PLAN_OPTIONS, bits, calib[:16], tune_iters=args.plan_tune_iters)
             r = lowbit.quantize(m, "gguf:q3_k", lowbit.SignRound(iters=args.iters), calib, tokenizer=tok, nsamples=128,
                                 seqlen=SEQLEN, overrides=plan_schemes(plan), progress=False)
             seconds = time.perf_counter() - t0
@@ -193,7 +193,8 @@ def main():
     p.add_argument("--rtn", action="store_true", help="also lowbit's round to nearest of each type")
     p.add_argument("--plans", nargs="+", type=float,
                    help="also --target-bits plans over Q2_K/Q3_K/Q4_K/Q6_K at these average bits (DeltaLoss after "
-                        "50 SignRound iterations per option, exact DP), with --kquants")
+                        "--plan-tune-iters SignRound iterations per option, exact DP), with --kquants")
+    p.add_argument("--plan-tune-iters", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     try:
