@@ -8,16 +8,20 @@ pycode-7m, round to nearest (the comparison is about the file, not the tuning), 
 W8A16G32 symmetric, each written as q4_0, q8_0, q4_k and f32; first N windows of 256 tokens of
 heldout.txt.
 
-    python bench/gguf_llamacpp.py --kquants q2_k q3_k q4_k_m [--iters 200] [--rtn] [--model smollm2]
+    python bench/gguf_llamacpp.py --kquants q2_k q3_k q2_k_mix q4_k_m [--iters 200] [--rtn] [--imatrix]
+                                  [--model smollm2]
     python bench/gguf_llamacpp.py --kquants q3_k --plans 3.0 3.4375
 
 k-quants instead: lowbit SignRound on each type's own grid, written to GGUF, against llama.cpp's
-own quantizer (llama_model_quantize, no importance matrix) on an f16 GGUF of the original, for the
-llama.cpp file types of that name. A plain type (q2_k) puts every block Linear in that type and
-leaves the embedding and output in float; a mix (q4_k_m, q3_k_m, q2_k_s: lowbit's
+own quantizer (llama_model_quantize) on an f16 GGUF of the original, for the llama.cpp file types
+of that name; with --imatrix also with an importance matrix (the mean squared input of each
+column of each block Linear over lowbit's own calibration windows: what llama.cpp's imatrix tool
+collects), the way llama.cpp's best files are made. A plain type (q2_k) puts every block Linear in that type and
+leaves the embedding and output in float; a mix (q4_k_m, q3_k_m, q2_k_mix, q2_k_s: lowbit's
 lowbit/mixes.py) follows llama.cpp's own per-tensor rules, the embedding and output included,
 so the whole files compare. 128 calibration windows of 256 tokens; --rtn adds lowbit's round to
-nearest of each, to tell the rounding from the tuning. llama.cpp's perplexity of every file on the
+nearest of each (with its range search on these types), to tell the rounding from the tuning;
+--rtn-plain the plain min/max rounding. llama.cpp's perplexity of every file on the
 same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of the
 block Linear weights alone. --plans adds `--target-bits` plans over Q2_K/Q3_K/Q4_K/Q6_K (scales
 counted: Q3_K is 3.4375 bits a weight) against the uniform type.
@@ -63,14 +67,16 @@ def llama_cpp_ppl(path: str, windows: torch.Tensor, threads: int | None = None) 
 
 
 # lowbit's type or mix -> llama.cpp's file types to compare it with (llama_ftype names). llama.cpp's
-# Q2_K_S needs an importance matrix, which llama-cpp-python cannot make: its Q2_K stands in.
+# Q2_K_S needs an importance matrix (--imatrix); without one its Q2_K stands in.
 LLAMA_FTYPES = {"q2_k": ["MOSTLY_Q2_K"], "q3_k": ["MOSTLY_Q3_K_S", "MOSTLY_Q3_K_M"],
                 "q4_k": ["MOSTLY_Q4_K_S", "MOSTLY_Q4_K_M"], "q5_k": ["MOSTLY_Q5_K_S"], "q6_k": ["MOSTLY_Q6_K"],
-                "q2_k_s": ["MOSTLY_Q2_K"], "q3_k_s": ["MOSTLY_Q3_K_S"], "q3_k_m": ["MOSTLY_Q3_K_M"],
+                "q2_k_mix": ["MOSTLY_Q2_K"], "q2_k_s": ["MOSTLY_Q2_K", "MOSTLY_Q2_K_S"], "q3_k_s": ["MOSTLY_Q3_K_S"],
+                "q3_k_m": ["MOSTLY_Q3_K_M"],
                 "q3_k_l": ["MOSTLY_Q3_K_L"], "q4_k_s": ["MOSTLY_Q4_K_S"], "q4_k_m": ["MOSTLY_Q4_K_M"],
                 "q5_k_s": ["MOSTLY_Q5_K_S"], "q5_k_m": ["MOSTLY_Q5_K_M"]}
 
 
+NEEDS_IMATRIX = {"MOSTLY_Q2_K_S"}
 PLAN_OPTIONS = "gguf:q2_k,gguf:q3_k,gguf:q4_k,gguf:q6_k"
 
 
@@ -81,14 +87,38 @@ def block_bytes(path: str) -> int:
                if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name)
 
 
-def llama_quantize(src: str, dst: str, ftype: str, threads: int) -> None:
+def llama_quantize(src: str, dst: str, ftype: str, threads: int, imatrix: dict | None = None) -> None:
+    """llama.cpp's quantizer; imatrix: {GGUF tensor name: float32 array of the mean squared input
+    of each column}, what llama.cpp's imatrix tool stores, passed as llama.h's array of entries."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
     params.nthread = threads
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # ends with a null name
+        for e, (name, values) in zip(entries, imatrix.items()):
+            e.name = name.encode()
+            e.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            e.size = values.size
+        params.imatrix = entries
     if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {ftype}")
+
+
+def importance_matrix(model, calib: torch.Tensor) -> dict:
+    """llama.cpp's importance matrix from the calibration windows lowbit tunes on: per block Linear
+    (GGUF name), the mean over all tokens of each input column's square."""
+    from lowbit.algorithms.stats import InputEnergy
+    from lowbit.allocate.plan import block_layers
+    from lowbit.export.gguf import gguf_name
+
+    energy = InputEnergy(block_layers(model))
+    with torch.no_grad():
+        for i in range(0, len(calib), 8):
+            model(calib[i : i + 8])
+    return {gguf_name(n + ".weight", model.config.model_type): e.numpy().astype(np.float32)
+            for n, e in energy.remove().items()}
 
 
 def setup(name: str, n_windows: int):
@@ -129,6 +159,7 @@ def kquants(args) -> None:
     folder, calib, tokens, about = setup(args.model, args.windows)
     windows = tokens[: args.windows * SEQLEN].view(args.windows, SEQLEN)
     model, tok = load_model(folder)
+    imatrix = importance_matrix(model, calib) if args.imatrix else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f16 = os.path.join(tmp, "f16.gguf")
@@ -136,25 +167,33 @@ def kquants(args) -> None:
         write_gguf(model, tok, {}, f16, "f16", name=args.model)
         rows.append(("original", "f16 (llama.cpp)", llama_cpp_ppl(f16, windows), None, os.path.getsize(f16), block_bytes(f16)))
         for t in args.kquants:
-            for ftype in LLAMA_FTYPES[t]:
-                path = os.path.join(tmp, f"{ftype}.gguf")
-                llama_quantize(f16, path, ftype, args.threads)
-                rows.append(("llama.cpp quantize", ftype, llama_cpp_ppl(path, windows), None, os.path.getsize(path),
-                             block_bytes(path)))
+            runs = [(f, None) for f in LLAMA_FTYPES[t] if f not in NEEDS_IMATRIX]
+            runs += [(f, imatrix) for f in LLAMA_FTYPES[t] if imatrix is not None]
+            for ftype, im in runs:
+                path = os.path.join(tmp, f"{ftype}{'-imatrix' if im else ''}.gguf")
+                if os.path.exists(path):  # asked for by an earlier type
+                    continue
+                llama_quantize(f16, path, ftype, args.threads, im)
+                rows.append(("llama.cpp quantize" + (" + imatrix" if im else ""), ftype.removeprefix("MOSTLY_"),
+                             llama_cpp_ppl(path, windows), None, os.path.getsize(path), block_bytes(path)))
                 print(rows[-1], flush=True)
+            if args.only_llama:
+                continue
             scheme = t.upper() if mix_name(t) else f"gguf:{t}"
             kind = f"{t.upper()} (lowbit's mix)" if mix_name(t) else f"gguf:{t} (all {t.upper()}, f32 outside the blocks)"
-            for algo in (["rtn"] if args.rtn else []) + ["signround"]:
+            for algo in (["rtn-plain"] if args.rtn_plain else []) + (["rtn"] if args.rtn else []) + (["signround"] if args.iters else []):
                 m, _ = load_model(folder)
                 t0 = time.perf_counter()
-                algorithm = lowbit.SignRound(iters=args.iters) if algo == "signround" else lowbit.RTN()
+                algorithm = (lowbit.SignRound(iters=args.iters) if algo == "signround"
+                             else lowbit.RTN(search=algo == "rtn"))
                 r = lowbit.quantize(m, scheme, algorithm, calib, tokenizer=tok, nsamples=128, seqlen=SEQLEN,
                                     progress=False)
                 seconds = time.perf_counter() - t0
                 path = os.path.join(tmp, f"lowbit-{t}-{algo}.gguf")
                 write_gguf(m, tok, r.layers, path, t, name=args.model)
                 ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
-                who = f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)" if algo == "signround" else "lowbit RTN"
+                who = {"signround": f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)", "rtn": "lowbit RTN",
+                       "rtn-plain": "lowbit RTN, min/max (no search)"}[algo]
                 rows.append((who, kind, llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
                 print(rows[-1], flush=True)
         for bits in args.plans or []:
@@ -188,9 +227,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=200)
     p.add_argument("--kquants", nargs="+", choices=list(LLAMA_FTYPES), help="the k-quant comparison instead")
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--iters", type=int, default=200, help="SignRound's iterations; 0: no SignRound rows")
     p.add_argument("--model", choices=["pycode-7m", "smollm2"], default="pycode-7m")
     p.add_argument("--rtn", action="store_true", help="also lowbit's round to nearest of each type")
+    p.add_argument("--rtn-plain", action="store_true",
+                   help="also lowbit's round to nearest without the range search (RTN(search=False))")
+    p.add_argument("--imatrix", action="store_true",
+                   help="also llama.cpp's quantizer with an importance matrix from the calibration windows")
+    p.add_argument("--only-llama", action="store_true", help="llama.cpp's quantizer only, no lowbit runs")
     p.add_argument("--plans", nargs="+", type=float,
                    help="also --target-bits plans over Q2_K/Q3_K/Q4_K/Q6_K at these average bits (DeltaLoss after "
                         "--plan-tune-iters SignRound iterations per option, exact DP), with --kquants")

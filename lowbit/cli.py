@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). llama.cpp's block types, tuned on their grid: "
                         "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, "
                         "gguf:q8_0; "
-                        "llama.cpp's mixes of them, the embedding and output layer included: Q2_K_S, Q3_K_S, Q3_K_M, "
-                        "Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M. Default W4A16")
+                        "llama.cpp's mixes of them, the embedding and output layer included: "
+                        "Q2_K_MIX (llama.cpp's Q2_K), "
+                        "Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M. Default W4A16")
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")

@@ -1,4 +1,4 @@
-"""llama.cpp's named mixes (Q4_K_M, Q3_K_M, Q2_K_S, ...) as lowbit plans: which k-quant type each
+"""llama.cpp's named mixes (Q4_K_M, Q3_K_M, Q2_K_S, Q2_K_MIX, ...) as lowbit plans: which k-quant type each
 tensor gets, by the rules of llama.cpp's own quantizer (src/llama-quant.cpp, llama_tensor_get_type),
 so that `--scheme Q4_K_M` tunes every layer on the grid the Q4_K_M file stores it in.
 
@@ -19,7 +19,9 @@ from lowbit.errors import LowbitError
 from lowbit.schemes import Scheme, get_scheme
 
 # mix -> (base type, llama.cpp's LlamaFileType name)
+# "q2_k_mix" is llama.cpp's file type Q2_K; lowbit's plain "Q2_K" names the type on every layer.
 MIXES = {
+    "q2_k_mix": ("q2_k", "MOSTLY_Q2_K"),
     "q2_k_s": ("q2_k", "MOSTLY_Q2_K_S"),
     "q3_k_s": ("q3_k", "MOSTLY_Q3_K_S"),
     "q3_k_m": ("q3_k", "MOSTLY_Q3_K_M"),
@@ -61,6 +63,8 @@ def tensor_type(mix: str, category: str, layer: int, n_layers: int, gqa: int, n_
             return {"q3_k_m": "q4_k", "q3_k_l": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}.get(mix, base)
         if n_expert == 8:
             return "q8_0"
+        if mix == "q2_k_mix":
+            return "q4_k" if gqa >= 4 else "q3_k"
         if mix == "q2_k_s" and gqa >= 4:
             return "q4_k"
         if mix == "q3_k_m":
@@ -75,6 +79,8 @@ def tensor_type(mix: str, category: str, layer: int, n_layers: int, gqa: int, n_
     if category == "attn_k" and n_expert == 8:
         return "q8_0"
     if category == "ffn_down":
+        if mix == "q2_k_mix":
+            return "q3_k"
         if mix == "q2_k_s":
             return "q4_k" if layer < n_layers // 8 else base
         if mix == "q3_k_m":
@@ -88,8 +94,8 @@ def tensor_type(mix: str, category: str, layer: int, n_layers: int, gqa: int, n_
         return base
     if category == "attn_output":
         if n_expert == 8:
-            return "q5_k" if mix in ("q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else base
-        return {"q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, base)
+            return "q5_k" if mix in ("q2_k_mix", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else base
+        return {"q2_k_mix": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(mix, base)
     return base
 
 

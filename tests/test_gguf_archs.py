@@ -29,6 +29,8 @@ CONFIGS = {
     "phi3": lambda: transformers.Phi3Config(**CFG),
     "gemma": lambda: transformers.GemmaConfig(**CFG, head_dim=64),
     "gemma2": lambda: transformers.Gemma2Config(**CFG, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**CFG, head_dim=64, query_pre_attn_scalar=64,
+                                                         sliding_window=16),
     "mixtral": lambda: transformers.MixtralConfig(**CFG, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**CFG, head_dim=64, num_experts=4, num_experts_per_tok=2,
                                                      moe_intermediate_size=256, norm_topk_prob=True),
@@ -143,6 +145,17 @@ def test_llama_cpp_computes_what_transformers_does(model_type, tmp_path):
     got = llama_cpp_logits(tmp_path / "q4_k.gguf", ids.tolist())
     assert (got - ref).abs().mean().item() < 0.05 * spread, model_type
     assert math.isfinite(got.sum().item())
+
+
+def test_gemma3_layout_llama_cpp_cannot_run_is_refused(tmp_path):
+    """llama.cpp fixes Gemma 3's attention layout; a config off it is refused, nothing written."""
+    from lowbit.errors import LowbitError
+
+    model, tok = tiny("gemma3_text")
+    model.config.query_pre_attn_scalar = 256  # queries scaled unlike llama.cpp's 1/sqrt(head_dim)
+    with pytest.raises(LowbitError, match="needs llama.cpp's Gemma 3 layout"):
+        write_gguf(model, tok, {}, tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.mixes import expand_mix, mix_name, tensor_type, use_more_bits
+from lowbit.mixes import MIXES, expand_mix, mix_name, tensor_type, use_more_bits
 from lowbit.errors import LowbitError
 from lowbit.pipeline import quantize_outside
 from lowbit.schemes import get_scheme
@@ -45,6 +45,10 @@ def test_mix_rules_as_llama_cpp_states_them():
     # Q2_K_S: ffn_down Q4_K in the first eighth; attn_v Q4_K only with grouped-query attention of 4+
     assert types("q2_k_s", "ffn_down") == ["q4_k"] * 4 + ["q2_k"] * 28
     assert set(types("q2_k_s", "attn_v", gqa=1)) == {"q2_k"} and set(types("q2_k_s", "attn_v", gqa=4)) == {"q4_k"}
+    # llama.cpp's Q2_K: attn_v Q3_K (Q4_K with gqa 4+), ffn_down and attn_output Q3_K
+    assert set(types("q2_k_mix", "attn_v", gqa=2)) == {"q3_k"} and set(types("q2_k_mix", "attn_v", gqa=4)) == {"q4_k"}
+    assert set(types("q2_k_mix", "ffn_down") + types("q2_k_mix", "attn_output")) == {"q3_k"}
+    assert set(types("q2_k_mix", "ffn_up") + types("q2_k_mix", "attn_q")) == {"q2_k"}
     # Q4_K_S: attn_v Q5_K in the first 4, ffn_down in the first eighth
     assert types("q4_k_s", "attn_v") == ["q5_k"] * 4 + ["q4_k"] * 28
     assert types("q4_k_s", "ffn_down") == ["q5_k"] * 4 + ["q4_k"] * 28
@@ -57,6 +61,7 @@ def test_mix_rules_as_llama_cpp_states_them():
 
 def test_mix_names():
     assert mix_name("Q4_K_M") == "q4_k_m" and mix_name("gguf:q3_k_m") == "q3_k_m"
+    assert mix_name("Q2_K_MIX") == "q2_k_mix" and mix_name("Q2_K") is None  # the plain type
     assert mix_name("Q4_K") is None and mix_name("W4A16") is None and mix_name(get_scheme("W4A16")) is None
     with pytest.raises(LowbitError, match="unknown llama.cpp mix 'Q9_K_M'"):
         expand_mix("Q9_K_M", None, [], "model.layers")
@@ -168,3 +173,53 @@ def test_mix_through_the_cli_writes_the_fake_weights_in_llama_cpp_types(tmp_path
 ])
 def test_bad_mix_input_is_refused_before_work(args, message, tmp_path):
     assert_quantize_refused(PYCODE, args, message, tmp_path)
+
+
+# a model whose every mix rule shows: 16 layers (the n/8 and n/16 rules), gqa 4 or 2, 8 experts
+LLAMA_CPP_MODELS = {
+    "llama-gqa4": lambda t: t.LlamaConfig(num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=1),
+    "llama-gqa2": lambda t: t.LlamaConfig(num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=True),
+    "mixtral-8": lambda t: t.MixtralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           num_local_experts=8, num_experts_per_tok=2, sliding_window=None),
+}
+
+
+@pytest.mark.llamacpp
+@pytest.mark.slow
+@pytest.mark.parametrize("model_kind", list(LLAMA_CPP_MODELS))
+def test_every_mix_has_llama_cpp_quantizers_tensor_types(model_kind, tmp_path):
+    """lowbit's file of each mix holds every tensor in the type llama.cpp's own quantizer gives it
+    (llama_model_quantize on the f16 file), so the two files are the same size. Q2_K_S is left out:
+    llama.cpp refuses it without an importance matrix."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp check needs: pip install llama-cpp-python")
+    gguf = pytest.importorskip("gguf")
+    import copy
+    import ctypes
+
+    import transformers
+
+    from lowbit.export.gguf import write_gguf
+    from lowbit.model import load_model
+
+    need_assets()
+    _, tok = load_model(os.path.join(ASSETS, "models", "stories260K"))
+    cfg = LLAMA_CPP_MODELS[model_kind](transformers)
+    cfg.update(dict(hidden_size=256, intermediate_size=512, vocab_size=len(tok), max_position_embeddings=64))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    f16 = tmp_path / "f16.gguf"
+    write_gguf(model, tok, {}, f16, "f16", name="m")
+    kinds = lambda path: {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}  # noqa: E731
+    for mix in [m for m in MIXES if m != "q2_k_s"]:
+        theirs = tmp_path / f"llama-{mix}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{MIXES[mix][1]}")
+        params.nthread = 1
+        assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+        m = copy.deepcopy(model)
+        r = lowbit.quantize(m, mix.upper(), "rtn", progress=False)
+        ours = tmp_path / f"lowbit-{mix}.gguf"
+        write_gguf(m, tok, r.layers, ours, mix, name="m")
+        assert kinds(ours) == kinds(theirs), mix
+        assert ours.stat().st_size == theirs.stat().st_size, mix

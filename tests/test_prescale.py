@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -10,8 +11,9 @@ from lowbit.schemes import Scheme
 
 def weighted_err(w, factors, imp, bits=2, group=32, sym=True):
     wg = to_groups(w, group)
-    f = factors.unsqueeze(-1)
-    dq = from_groups(fake_quantize_groups(wg, bits, sym, min_scale=f, max_scale=f), w.shape[1])
+    mn, mx = factors if isinstance(factors, tuple) else (factors, factors)
+    dq = from_groups(fake_quantize_groups(wg, bits, sym, min_scale=mn.unsqueeze(-1), max_scale=mx.unsqueeze(-1)),
+                     w.shape[1])
     return (((dq - w) ** 2) * imp).sum().item()
 
 
@@ -21,7 +23,9 @@ def test_search_never_worse_than_plain_and_usually_better():
     imp = torch.rand(128, generator=g) ** 4  # a few channels dominate, as in real activations
     for sym in (True, False):
         f = search_range_factors(w, Scheme(2, 32, sym), imp)
-        assert f.shape == (32, 4) and (f <= 1).all() and (f >= min(DEFAULT_GRID)).all()
+        assert all(x.shape == (32, 4) and (x <= 1).all() and (x >= 0).all() for x in f)
+        if sym:  # one factor from the grid on both ends
+            assert torch.equal(f[0], f[1]) and (f[0] >= min(DEFAULT_GRID)).all()
         plain = weighted_err(w, torch.ones(32, 4), imp, sym=sym)
         searched = weighted_err(w, f, imp, sym=sym)
         assert searched < 0.9 * plain
@@ -33,18 +37,45 @@ def test_importance_changes_the_choice():
     w[0, 0] = 3.0  # outlier
     imp = torch.ones(32)
     imp[0] = 0.0
-    uniform = search_range_factors(w, Scheme(3, 32, True), None)
-    weighted = search_range_factors(w, Scheme(3, 32, True), imp)
+    uniform = search_range_factors(w, Scheme(3, 32, True), None)[0]
+    weighted = search_range_factors(w, Scheme(3, 32, True), imp)[0]
     assert weighted.item() < uniform.item()
 
 
 def test_partial_group_padding_ignored():
     w = torch.randn(4, 40, generator=torch.Generator().manual_seed(2))
     f = search_range_factors(w, Scheme(2, 32, False), torch.ones(40))
-    assert f.shape == (4, 2)
-    # The last group (8 real columns) gets the same factor as searching those columns alone.
+    assert f[0].shape == (4, 2)
+    # The last group (8 real columns) gets the same factors as searching those columns alone.
     alone = search_range_factors(w[:, 32:], Scheme(2, -1, False), torch.ones(8))
-    assert torch.equal(f[:, 1], alone[:, 0])
+    for a, b in zip(f, alone):
+        assert torch.equal(a[:, 1], b[:, 0])
+
+
+@pytest.mark.parametrize("dtype,bits,group,most", [("q2_k", 2, 16, 0.9), ("q4_k", 4, 32, 0.96), ("q5_k", 5, 32, 0.97),
+                                                  ("q4_1", 4, 32, 0.96)])
+def test_least_squares_fit_moves_the_ends_apart(dtype, bits, group, most):
+    """Where a type stores each group's min as a number, the fitted candidate moves the two ends
+    of many groups apart and lowers the weighted error below the one-factor grid's by a margin."""
+    from lowbit.qdq import get_dtype
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 512, generator=g) * 0.02 + (torch.rand(64, 512, generator=g) ** 6) * 0.08
+    imp = torch.rand(512, generator=g) * 2
+    scheme = Scheme(bits, group, False, dtype=dtype)
+    mn, mx = search_range_factors(w, scheme, imp)
+    grid = search_range_factors(w, scheme, imp, least_squares=False)
+    assert torch.equal(grid[0], grid[1]) and (mn != mx).float().mean() > 0.3
+    err = lambda f: (((from_groups(get_dtype(dtype).fake_quantize(  # noqa: E731
+        to_groups(w, group), bits, False, min_scale=f[0].unsqueeze(-1), max_scale=f[1].unsqueeze(-1)), 512) - w) ** 2)
+        * imp).sum().item()
+    assert err((mn, mx)) < most * err(grid)
+
+
+def test_integer_zero_points_search_the_grid_only():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    f = search_range_factors(w, Scheme(2, 16, False), None)
+    assert torch.equal(f[0], f[1])
 
 
 def test_input_energy_is_mean_square():
@@ -58,3 +89,29 @@ def test_input_energy_is_mean_square():
     torch.testing.assert_close(imp, flat.pow(2).mean(0))
     lin(torch.randn(1, 6))  # hooks removed: no error, nothing more collected
     assert len(lin._forward_hooks) == 0
+
+
+def test_rtn_searches_llama_cpp_types_only_by_default():
+    """RTN's range search is on for llama.cpp's types (as llama.cpp's quantizer searches) and
+    lowers their magnitude-weighted error; integer schemes keep the plain min/max rounding."""
+    import lowbit
+    from lowbit.algorithms.prescale import weight_importance
+    from lowbit.quantized import quantize_weight
+    from lowbit.schemes import get_scheme
+
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(512, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 512, generator=g) * 0.02)
+    imp = weight_importance(lin.weight)
+    for name, searched in [("gguf:q2_k", True), ("gguf:q4_k", True), ("gguf:q3_k", True), ("W4A16", False)]:
+        s = get_scheme(name)
+        assert lowbit.RTN().searches(s) is searched
+        got = lowbit.RTN().quantize_block(None, {"lin": (lin, s)}).weights["lin"]
+        plain = quantize_weight(lin.weight, s)
+        err = lambda q: (((q.dequantize() - lin.weight) ** 2) * imp).sum().item()  # noqa: E731
+        if searched:
+            assert err(got) < 0.97 * err(plain), name
+        else:
+            assert torch.equal(got.codes, plain.codes) and torch.equal(got.scale, plain.scale)
+    assert lowbit.RTN(search=True).searches(get_scheme("W4A16"))

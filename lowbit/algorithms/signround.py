@@ -147,7 +147,8 @@ class _Bucket:
             bits.append(torch.full((n, 1), float(scheme.bits)))
             lrs.append((n, layer_lr(scheme.bits)))
             f = init_factors.get(name)
-            factors.append(f.reshape(n, 1) if f is not None else torch.ones(n, 1, device=wg.device))
+            ones = torch.ones(n, 1, device=wg.device)
+            factors.append((f[0].reshape(n, 1), f[1].reshape(n, 1)) if f is not None else (ones, ones))
             self.slices.append((name, start, start + n, out_f, in_f))
             start += n
         self.w = torch.cat(rows)
@@ -159,8 +160,8 @@ class _Bucket:
         self.lr = lrs[0][1] if len({lr for _, lr in lrs}) == 1 else torch.cat(
             [torch.full((n, 1), lr) for n, lr in lrs]).to(self.w.device)
         self.v = torch.zeros_like(self.w, requires_grad=True)
-        self.mn = torch.cat(factors).requires_grad_(True)
-        self.mx = torch.cat(factors).requires_grad_(True)
+        self.mn = torch.cat([f[0] for f in factors]).requires_grad_(True)
+        self.mx = torch.cat([f[1] for f in factors]).requires_grad_(True)
 
     def params(self, tune_minmax: bool):
         return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
@@ -208,7 +209,7 @@ def _buckets(cfg: SignRound, layers: LayerMap, init_factors: dict) -> list[_Buck
 
 
 def _prescale(cfg: SignRound, layers: LayerMap, importance: dict | None) -> dict:
-    """Initial min/max factors per layer [out, n_groups] from the weighted range search."""
+    """Initial (min, max) factors per layer, [out, n_groups] each, from the weighted range search."""
     return {
         name: search_range_factors(lin.weight, s, (importance or {}).get(name))
         for name, (lin, s) in layers.items()
@@ -413,6 +414,6 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
     }
     start = None
     if cfg.iters:
-        start = {name: quantize_weight(lin.weight, s, min_scale=init.get(name), max_scale=init.get(name))
+        start = {name: quantize_weight(lin.weight, s, None, *init.get(name, (None, None)))
                  for name, (lin, s) in layers.items()}
     return BlockResult(weights, stats, start)

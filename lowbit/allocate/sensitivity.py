@@ -32,8 +32,8 @@ from lowbit.schemes import Scheme
 
 
 def quantized_weight(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None, prescale: bool) -> torch.Tensor:
-    f = search_range_factors(w, scheme, importance) if prescale else None
-    return quantize_weight(w, scheme, min_scale=f, max_scale=f).dequantize(w.dtype)
+    mn, mx = search_range_factors(w, scheme, importance) if prescale else (None, None)
+    return quantize_weight(w, scheme, min_scale=mn, max_scale=mx).dequantize(w.dtype)
 
 
 def tuned_weights(model, options: dict[str, Scheme], windows: torch.Tensor, iters: int) -> dict:

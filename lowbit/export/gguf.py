@@ -1,5 +1,5 @@
 """The "gguf" format: one llama.cpp GGUF file, for the architectures in ARCHS (llama, mistral,
-qwen2, qwen3, phi3, gemma, gemma2, and the mixtures of experts mixtral and qwen3_moe): tensor
+qwen2, qwen3, phi3, gemma, gemma2, gemma3 (text), and the mixtures of experts mixtral and qwen3_moe): tensor
 names from the gguf package's tables; a block's experts are stacked into llama.cpp's 3-D tensors.
 
 What is quantized, and how:
@@ -81,6 +81,22 @@ def _gemma2_keys(w, cfg) -> None:
     w.add_sliding_window(int(cfg.sliding_window))
 
 
+def _gemma3_keys(w, cfg) -> None:
+    # llama.cpp's Gemma 3 puts every sixth layer on full attention and the rest on a sliding window
+    # with rope base 10000, and scales queries by 1/sqrt(head_dim) (by hidden/heads for the 27B,
+    # which it knows by its 62 layers): a config that differs would run a different model.
+    n = int(cfg.num_hidden_layers)
+    kinds = getattr(cfg, "layer_types", None) or []
+    want = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
+    scalar = int(cfg.query_pre_attn_scalar)
+    if (kinds and list(kinds) != want) or float(local.get("rope_theta", 10000.0)) != 10000.0 or \
+            scalar != (cfg.hidden_size // cfg.num_attention_heads if n == 62 else cfg.head_dim):
+        raise LowbitError("GGUF export of gemma3_text needs llama.cpp's Gemma 3 layout (full attention every "
+                          "sixth layer, sliding-window rope base 10000, query_pre_attn_scalar = head_dim)")
+    w.add_sliding_window(int(cfg.sliding_window))
+
+
 # Hugging Face model_type -> how llama.cpp holds it (Mistral is llama.cpp's llama graph)
 ARCHS = {
     "llama": Arch("LLAMA", rotary_rows=True),
@@ -92,6 +108,7 @@ ARCHS = {
     "phi3": Arch("PHI3"),
     "gemma": Arch("GEMMA", norm_offset=1.0),
     "gemma2": Arch("GEMMA2", norm_offset=1.0, extra=_gemma2_keys),
+    "gemma3_text": Arch("GEMMA3", norm_offset=1.0, extra=_gemma3_keys),
 }
 
 
@@ -204,6 +221,8 @@ def _llama_config(model):
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:  # per layer kind (Gemma 3): the global layers'
+        rope = rope["full_attention"]
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in ("default", "linear"):
         raise LowbitError(f"GGUF export does not support rope scaling {rope_type!r} yet")
@@ -360,7 +379,7 @@ def _float_array(t: torch.Tensor, float_type: str) -> np.ndarray:
 
 def _tensor(gname: str, p: torch.Tensor, q, qtype: GGUFType, block_type, order, float_type, gguf):
     """(data, raw type or None for float, how it was stored) of one parameter."""
-    if p.dim() == 1:  # norms and biases: f32, as llama.cpp expects
+    if p.dim() == 1 or gname.endswith("ffn_gate_inp.weight"):  # norms, biases, routers: f32, as llama.cpp's converter
         arr = p.detach().float().cpu().numpy()
         return (arr[order] if order is not None else arr), None, "f32"
     if q is not None and tuple(q.codes.shape) != tuple(p.shape):

@@ -14,6 +14,9 @@ class DataType:
 
     name: str = ""
     has_zero: bool = True  # whether codes are stored with a zero point per group
+    # whether that offset is stored as a number of its own (llama.cpp's mins), not an integer zero
+    # point: then any min can be fitted, not only a whole number of steps
+    free_offset: bool = False
     extra_names: tuple[str, ...] = ()  # the extras quantize returns (NVFP4: its global scale)
     # Whether init_range of some rows depends on those rows only; False (NVFP4's per-tensor scale):
     # the range of a layer's rows is computed on the layer and passed in (wrange) wherever the

@@ -194,7 +194,7 @@ class KQuantType(DataType):
     def __init__(self, name: str):
         self.name = name
         self.fmt = FORMATS[name]
-        self.has_zero = self.fmt.mins
+        self.has_zero = self.free_offset = self.fmt.mins
         self.extra_names = ("super_scale", "super_min") if self.fmt.mins else ("super_scale",)
 
     def check(self, bits, group_size, sym):
