@@ -12,8 +12,8 @@ all):
 - for types that store each group's min as a number (llama.cpp's Q2_K, Q4_K, Q5_K, Q4_1, Q5_1),
   also the weighted least-squares fit of a scale and a min to the codes that each of 21 trial
   scales gives (the way llama.cpp's quantizer fits its sub-blocks): the two ends move apart, which
-  one shared factor cannot do. Its weighted error is 5-14% below the grid's alone on such types;
-  with an integer zero point, which rounds the fitted min away, about 1% (tests/test_prescale.py).
+  one shared factor cannot do (tests/test_prescale.py: its weighted error at least 3-10% below the
+  grid's alone). An integer zero point rounds the fitted min away, so int types search the grid only.
 """
 from __future__ import annotations
 
@@ -98,8 +98,7 @@ def least_squares_factors(wg: torch.Tensor, imp: torch.Tensor, top: int, wrange)
 def weight_importance(w: torch.Tensor) -> torch.Tensor:
     """Per-weight importance [out, in] where no inputs were seen: |w| plus its row's RMS, the
     weighting llama.cpp's quantizer uses without an importance matrix (for Q4_K/Q5_K): large
-    weights matter more. On pycode-7m's mixes it gave round to nearest a lower perplexity than
-    equal weights, |w| or w^2 (0.5% at Q2_K)."""
+    weights matter more."""
     w = w.detach().float()
     return w.abs() + w.pow(2).mean(1, keepdim=True).sqrt()
 
