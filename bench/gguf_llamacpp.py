@@ -21,9 +21,11 @@ leaves the embedding and output in float; a mix (q4_k_m, q3_k_m, q2_k_mix, q2_k_
 lowbit/mixes.py) follows llama.cpp's own per-tensor rules, the embedding and output included,
 so the whole files compare. 128 calibration windows of 256 tokens; --rtn adds lowbit's round to
 nearest of each (with its range search on these types), to tell the rounding from the tuning;
---rtn-plain the plain min/max rounding. llama.cpp's perplexity of every file on the
-same windows, lowbit's of its own weights, and the sizes: the whole file, and the bytes of the
-block Linear weights alone. --plans adds `--target-bits` plans over Q2_K/Q3_K/Q4_K/Q6_K (scales
+--rtn-plain the plain min/max rounding; --q8 adds (--q8 only: runs only) lowbit's runs of the -q8 schemes (Q4_K_M-q8:
+tuned with every block layer's input rounded as llama.cpp's CPU kernels round it, q8_K / q8_0).
+llama.cpp's perplexity of every file on the same windows; lowbit's of its own weights, as they
+are (16-bit inputs unless -q8) and with llama.cpp's input rounding; and the sizes: the whole file,
+and the bytes of the block Linear weights alone. --plans adds `--target-bits` plans over Q2_K/Q3_K/Q4_K/Q6_K (scales
 counted: Q3_K is 3.4375 bits a weight) against the uniform type.
 """
 from __future__ import annotations
@@ -121,6 +123,20 @@ def importance_matrix(model, calib: torch.Tensor) -> dict:
             for n, e in energy.remove().items()}
 
 
+def ppl_as_llama_cpp_runs(model, layers: dict, tokens, windows: int) -> float:
+    """lowbit's perplexity of the quantized model with each block layer's input rounded as
+    llama.cpp's CPU kernels round it for the layer's type (q8_K / q8_0), the output's left in float."""
+    from lowbit.activations import inputs_quantized
+    from lowbit.qdq.kquant import FORMATS
+
+    modules = dict(model.named_modules())
+    hooks = {n: (modules[n], FORMATS[q.scheme.dtype].inputs) for n, q in layers.items()
+             if q.scheme.dtype in FORMATS and q.scheme.act is None and isinstance(modules[n], torch.nn.Linear)
+             and ".layers." in n}
+    with inputs_quantized(hooks):
+        return perplexity(model, tokens=tokens, seqlen=SEQLEN, max_windows=windows)["ppl"]
+
+
 def setup(name: str, n_windows: int):
     """(folder, calibration windows [128, SEQLEN], evaluation windows [n, SEQLEN], description)."""
     from lowbit.calib import make_windows, read_text
@@ -165,7 +181,8 @@ def kquants(args) -> None:
         f16 = os.path.join(tmp, "f16.gguf")
         # one general.name in every file (llama.cpp's copy keeps it), so the file sizes compare
         write_gguf(model, tok, {}, f16, "f16", name=args.model)
-        rows.append(("original", "f16 (llama.cpp)", llama_cpp_ppl(f16, windows), None, os.path.getsize(f16), block_bytes(f16)))
+        rows.append(("original", "f16 (llama.cpp)", llama_cpp_ppl(f16, windows), None, None, os.path.getsize(f16),
+                     block_bytes(f16)))
         for t in args.kquants:
             runs = [(f, None) for f in LLAMA_FTYPES[t] if f not in NEEDS_IMATRIX]
             runs += [(f, imatrix) for f in LLAMA_FTYPES[t] if imatrix is not None]
@@ -175,13 +192,15 @@ def kquants(args) -> None:
                     continue
                 llama_quantize(f16, path, ftype, args.threads, im)
                 rows.append(("llama.cpp quantize" + (" + imatrix" if im else ""), ftype.removeprefix("MOSTLY_"),
-                             llama_cpp_ppl(path, windows), None, os.path.getsize(path), block_bytes(path)))
+                             llama_cpp_ppl(path, windows), None, None, os.path.getsize(path), block_bytes(path)))
                 print(rows[-1], flush=True)
             if args.only_llama:
                 continue
-            scheme = t.upper() if mix_name(t) else f"gguf:{t}"
-            kind = f"{t.upper()} (lowbit's mix)" if mix_name(t) else f"gguf:{t} (all {t.upper()}, f32 outside the blocks)"
-            for algo in (["rtn-plain"] if args.rtn_plain else []) + (["rtn"] if args.rtn else []) + (["signround"] if args.iters else []):
+            algos = (["rtn-plain"] if args.rtn_plain else []) + (["rtn"] if args.rtn else []) + (["signround"] if args.iters else [])
+            inputs = {None: [False], "also": [False, True], "only": [True]}[args.q8]
+            for algo, q8 in [(a, q8) for q8 in inputs for a in algos]:
+                scheme = (t.upper() if mix_name(t) else f"gguf:{t}") + ("-q8" if q8 else "")
+                kind = f"{scheme} (lowbit's mix)" if mix_name(t) else f"{scheme} (all {t.upper()}, f32 outside the blocks)"
                 m, _ = load_model(folder)
                 t0 = time.perf_counter()
                 algorithm = (lowbit.SignRound(iters=args.iters) if algo == "signround"
@@ -189,12 +208,13 @@ def kquants(args) -> None:
                 r = lowbit.quantize(m, scheme, algorithm, calib, tokenizer=tok, nsamples=128, seqlen=SEQLEN,
                                     progress=False)
                 seconds = time.perf_counter() - t0
-                path = os.path.join(tmp, f"lowbit-{t}-{algo}.gguf")
+                path = os.path.join(tmp, f"lowbit-{t}-{algo}{'-q8' if q8 else ''}.gguf")
                 write_gguf(m, tok, r.layers, path, t, name=args.model)
                 ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
+                as_run = ref if q8 else ppl_as_llama_cpp_runs(m, r.layers, tokens, args.windows)
                 who = {"signround": f"lowbit SignRound {args.iters} iters ({seconds:.0f} s)", "rtn": "lowbit RTN",
                        "rtn-plain": "lowbit RTN, min/max (no search)"}[algo]
-                rows.append((who, kind, llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
+                rows.append((who, kind, llama_cpp_ppl(path, windows), ref, as_run, os.path.getsize(path), block_bytes(path)))
                 print(rows[-1], flush=True)
         for bits in args.plans or []:
             from lowbit.allocate.plan import make_plan, plan_schemes
@@ -208,19 +228,22 @@ def kquants(args) -> None:
             path = os.path.join(tmp, f"lowbit-plan-{bits}.gguf")
             write_gguf(m, tok, r.layers, path, "q3_k", name=args.model)
             ref = perplexity(m, tokens=tokens, seqlen=SEQLEN, max_windows=args.windows)["ppl"]
+            as_run = ppl_as_llama_cpp_runs(m, r.layers, tokens, args.windows)
             counts = {}
             for entry in plan["layers"].values():
                 counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
             mix = ", ".join(f"{n} {o.removeprefix('gguf:').upper()}" for o, n in sorted(counts.items()))
             rows.append((f"lowbit plan, SignRound {args.iters} iters ({seconds:.0f} s with the plan)",
                          f"--target-bits {bits}: {plan['achieved_bits']:.3f} bits ({mix}), f32 outside the blocks",
-                         llama_cpp_ppl(path, windows), ref, os.path.getsize(path), block_bytes(path)))
+                         llama_cpp_ppl(path, windows), ref, as_run, os.path.getsize(path), block_bytes(path)))
             print(rows[-1], flush=True)
     print(f"\n{about}\n")
-    print("| quantizer | type | llama.cpp ppl | lowbit ppl (same weights) | file MB | block weights MB |")
-    print("|---|---|---|---|---|---|")
-    for who, kind, ppl, ref, size, blocks in rows:
-        print(f"| {who} | {kind} | {ppl:.4f} | {'' if ref is None else f'{ref:.4f}'} | {size / 1e6:.2f} | {blocks / 1e6:.3f} |")
+    print("| quantizer | type | llama.cpp ppl | lowbit ppl (same weights) | lowbit ppl, inputs as llama.cpp rounds them "
+          "| file MB | block weights MB |")
+    print("|---|---|---|---|---|---|---|")
+    for who, kind, ppl, ref, as_run, size, blocks in rows:
+        show = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"| {who} | {kind} | {ppl:.4f} | {show(ref)} | {show(as_run)} | {size / 1e6:.2f} | {blocks / 1e6:.3f} |")
 
 
 def main():
@@ -235,6 +258,8 @@ def main():
     p.add_argument("--imatrix", action="store_true",
                    help="also llama.cpp's quantizer with an importance matrix from the calibration windows")
     p.add_argument("--only-llama", action="store_true", help="llama.cpp's quantizer only, no lowbit runs")
+    p.add_argument("--q8", nargs="?", const="also", choices=["also", "only"],
+                   help="also (or only) lowbit's runs of the -q8 schemes (tuned under llama.cpp's input rounding)")
     p.add_argument("--plans", nargs="+", type=float,
                    help="also --target-bits plans over Q2_K/Q3_K/Q4_K/Q6_K at these average bits (DeltaLoss after "
                         "--plan-tune-iters SignRound iterations per option, exact DP), with --kquants")

@@ -10,7 +10,7 @@ from lowbit.api import context_length
 from lowbit.calib import check_source
 from lowbit.progress import Progress
 from lowbit.allocate.plan import block_layers, make_plan, plan_schemes, read_plan, write_plan
-from lowbit.mixes import MIXES, mix_name
+from lowbit.mixes import MIXES, mix_base, mix_name
 from lowbit.errors import LowbitError
 from lowbit.export import check_formats, parse_formats
 from lowbit.job import NotStreamable
@@ -56,23 +56,27 @@ def _size(text: str) -> int:
     return value
 
 
+SCHEME_HELP = ("integer weights: W<bits>A16[G<group>|PC][-asym], bits 2-8, group 128 unless named, PC "
+               "per output channel (W4A16, W3A16G64, W2A16G32, W8A16PC, W4A16G128-asym); with int8 inputs "
+               "per token: W<bits>A8 (W4A8, W8A8). Float types with their own inputs: MXFP4, MXFP8, NVFP4, "
+               "FP8; weights only: MXFP4A16, MXFP8A16, NVFP4A16, FP8A16, FP8G128A16; other inputs: "
+               "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). llama.cpp's block types, tuned on their grid: "
+               "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, "
+               "gguf:q8_0; "
+               "llama.cpp's mixes of them, the embedding and output layer included: "
+               "Q2_K_MIX (llama.cpp's Q2_K), "
+               "Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M; -q8 after a type or mix "
+               "(gguf:q2_k-q8, Q4_K_M-q8) tunes and evaluates with each block layer's input rounded to 8 bits "
+               "as llama.cpp's CPU kernels round it. Default W4A16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Low-bit post-training quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a local Hugging Face model folder")
     q.add_argument("model", help="local model folder")
-    q.add_argument("--scheme", default="W4A16",
-                   help="integer weights: W<bits>A16[G<group>|PC][-asym], bits 2-8, group 128 unless named, PC "
-                        "per output channel (W4A16, W3A16G64, W2A16G32, W8A16PC, W4A16G128-asym); with int8 inputs "
-                        "per token: W<bits>A8 (W4A8, W8A8). Float types with their own inputs: MXFP4, MXFP8, NVFP4, "
-                        "FP8; weights only: MXFP4A16, MXFP8A16, NVFP4A16, FP8A16, FP8G128A16; other inputs: "
-                        "-<input type> (W4A16-MXFP4, MXFP4-MXFP8). llama.cpp's block types, tuned on their grid: "
-                        "gguf:q2_k, gguf:q3_k, gguf:q4_k, gguf:q5_k, gguf:q6_k, gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, "
-                        "gguf:q8_0; "
-                        "llama.cpp's mixes of them, the embedding and output layer included: "
-                        "Q2_K_MIX (llama.cpp's Q2_K), "
-                        "Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M. Default W4A16")
+    q.add_argument("--scheme", default="W4A16", help=SCHEME_HELP)
     q.add_argument("--group-size", type=int, default=None, help="override the scheme's group size (-1: per channel)")
     q.add_argument("--bits", type=int, default=None, help="override the scheme's bit width (2-8)")
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
@@ -177,7 +181,7 @@ def cmd_quantize(args) -> None:
     plan = read_plan(args.plan) if args.plan else None
     formats = parse_formats(args.format)
     _gguf_option(formats, args.format, mix)
-    planned = [lowbit.get_scheme(f"gguf:{MIXES[mix][0]}") if mix else scheme]
+    planned = [lowbit.get_scheme(f"gguf:{MIXES[mix_base(mix)][0]}") if mix else scheme]
     planned += list(plan_schemes(plan).values()) if plan else []
     if args.target_bits is not None:
         planned += list(parse_options(args.options).values())
@@ -367,7 +371,7 @@ def _gguf_option(formats, spec: str, mix: str | None) -> None:
     if mix is not None and "gguf" in [f.strip().lower() for f in spec.split(",")]:
         for f in formats:
             if f.name == "gguf" and f.option == f.default_option:
-                f.option = mix
+                f.option = mix_base(mix)
 
 
 def _name(scheme) -> str:

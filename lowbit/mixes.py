@@ -8,6 +8,11 @@ for some mixes. The output layer gets Q6_K; the token embedding gets the base ty
 output's type when the two are tied (llama.cpp then stores one tensor for both). Those two are
 outside the blocks and are rounded to nearest (with a range search), as llama.cpp does, not tuned.
 
+A mix's name with -q8 (`Q4_K_M-q8`) also rounds each block layer's inputs as llama.cpp's CPU
+kernels do (8-bit integers per block: lowbit.qdq.act's q8_k / q8_0), while tuning and when
+evaluating, so lowbit tunes for, and reports, what llama.cpp computes. The output layer's input
+stays in float (it is rounded to nearest outside the blocks, with no input type).
+
 Rules lowbit does not apply: the 70B model-size bump (llama.cpp detects the size by name) and the
 Falcon architecture's own rules.
 """
@@ -41,12 +46,21 @@ CATEGORIES = {
 }
 
 
+Q8 = "-q8"  # a mix's suffix: inputs rounded as llama.cpp rounds them
+
+
 def mix_name(name: str) -> str | None:
-    """The mix a scheme name asks for ("Q4_K_M", "gguf:q4_k_m" -> "q4_k_m"), None if it names none."""
+    """The mix a scheme name asks for ("Q4_K_M", "gguf:q4_k_m" -> "q4_k_m"; "Q4_K_M-q8" ->
+    "q4_k_m-q8"), None if it names none."""
     if not isinstance(name, str):
         return None
     key = name.strip().lower().removeprefix("gguf:")
-    return key if key in MIXES else None
+    return key if mix_base(key) in MIXES else None
+
+
+def mix_base(mix: str) -> str:
+    """A mix without its -q8: its key in MIXES, the types and the file it makes."""
+    return mix.removesuffix(Q8)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -119,6 +133,7 @@ def expand_mix(name: str, model, layer_names: list[str], blocks_name: str) -> Mi
     mix = mix_name(name)
     if mix is None:
         raise LowbitError(f"unknown llama.cpp mix {name!r} (choose from {', '.join(m.upper() for m in MIXES)})")
+    base, q8 = mix_base(mix), Q8 if mix.endswith(Q8) else ""
     cfg = model.config
     n_layers = int(cfg.num_hidden_layers)
     n_head = int(cfg.num_attention_heads)
@@ -129,7 +144,7 @@ def expand_mix(name: str, model, layer_names: list[str], blocks_name: str) -> Mi
         rest = full[len(blocks_name) + 1:]
         layer = int(rest.split(".", 1)[0])
         category = CATEGORIES.get(rest.rsplit(".", 1)[-1], "other")
-        layers[full] = get_scheme(f"gguf:{tensor_type(mix, category, layer, n_layers, gqa, n_expert)}")
+        layers[full] = get_scheme(f"gguf:{tensor_type(base, category, layer, n_layers, gqa, n_expert)}{q8}")
 
     outside = {}
     emb = model.get_input_embeddings()
@@ -142,7 +157,7 @@ def expand_mix(name: str, model, layer_names: list[str], blocks_name: str) -> Mi
     if tied:
         outside[emb_name] = out_type
     else:
-        outside[emb_name] = get_scheme(f"gguf:{MIXES[mix][0]}")
+        outside[emb_name] = get_scheme(f"gguf:{MIXES[base][0]}")
         if head is not None:
             outside[head[0]] = out_type
-    return Mix(mix, MIXES[mix][1], get_scheme(f"gguf:{MIXES[mix][0]}"), layers, outside)
+    return Mix(mix, MIXES[base][1], get_scheme(f"gguf:{MIXES[base][0]}{q8}"), layers, outside)

@@ -127,7 +127,7 @@ def fit_schemes(schemes: dict[str, Scheme], in_features: dict[str, int]) -> dict
     out, changed = {}, {}
     for name, s in schemes.items():
         other = s.data_type.fallback(in_features[name])
-        out[name] = s if other is None else get_scheme(f"gguf:{other}")
+        out[name] = s if other is None else get_scheme(f"gguf:{other}" + ("" if s.act is None else "-q8"))
         if other is not None:
             changed.setdefault((s.name, out[name].name, in_features[name]), []).append(name)
     for (a, b, n), names in changed.items():

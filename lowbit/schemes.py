@@ -39,6 +39,14 @@ class Scheme:
             raise LowbitError(reason)
         if self.act is not None:
             get_activation(self.act)
+        if self.dtype in KQUANT_FORMATS:
+            inputs = KQUANT_FORMATS[self.dtype].inputs
+            if self.act not in (None, inputs):
+                raise LowbitError(f"gguf:{self.dtype} layers take 16-bit inputs or llama.cpp's {inputs} "
+                                  f"(gguf:{self.dtype}-q8), not {self.act}")
+        elif self.act is not None and get_activation(self.act).family == "ggml":
+            raise LowbitError(f"{self.act} inputs are llama.cpp's rounding for its own types (gguf:...-q8), "
+                              f"not for {self.dtype} weights")
 
     @property
     def act_bits(self) -> int:
@@ -54,7 +62,7 @@ class Scheme:
         """The name get_scheme reads back: W4A16G64, W4A8 (int8 inputs), MXFP4 (W4A4),
         MXFP4A16 (weights only), NVFP4, FP8 (W8A8), FP8G128A16, ..."""
         if self.dtype in KQUANT_FORMATS:
-            return f"gguf:{self.dtype}" + ("" if self.act is None else f"-{self.act}")
+            return f"gguf:{self.dtype}" + ("" if self.act is None else "-q8")
         if self.dtype == "int":
             g = "" if self.group_size == 128 else (f"G{self.group_size}" if self.group_size > 0 else "PC")
             act = {None: "A16", "int8": "A8"}.get(self.act, f"A16-{self.act}")
@@ -133,11 +141,15 @@ def as_scheme(s: "Scheme | str") -> Scheme:
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
     """A scheme by name (case-insensitive): a preset, W<bits>A16|A8[G<group>|PC][-asym] (group 128
     when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8 with its
-    own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs; with the group size
-    or symmetry overridden if given."""
+    own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs; llama.cpp's types
+    gguf:q4_k (Q4_K), with -q8 for inputs rounded as llama.cpp's CPU kernels round them; with the
+    group size or symmetry overridden if given."""
     key = name.strip().upper()
     base = PRESETS.get(key) or _parse(key)
+    plain = PRESETS.get(key.removesuffix("-Q8"))
+    if base is None and plain is not None and plain.dtype in KQUANT_FORMATS:  # gguf:q4_k-q8
+        base = plain.replace(act=KQUANT_FORMATS[plain.dtype].inputs)
     if base is None:
         raise LowbitError(f"unknown scheme {name!r} (presets: {', '.join(k for k in PRESETS if k.lower() not in KQUANT_FORMATS)}; or e.g. W3A16G64, W4A16PC-asym, "
-                          "MXFP4A16)")
+                          "MXFP4A16, gguf:q4_k-q8, Q4_K_M)")
     return base.replace(group_size=group_size, sym=sym)

@@ -118,12 +118,15 @@ def test_activation_quantizers(name):
     rows = x.reshape(-1, 96)
     weight_type = {"mxfp4": Scheme(4, 32, dtype="mxfp"), "mxfp8": Scheme(8, 32, dtype="mxfp"),
                    "nvfp4": Scheme(4, 16, dtype="nvfp"), "fp8": Scheme(8, -1, dtype="fp8"),
-                   "int8": None}[name]
+                   "int8": None, "q8_k": None, "q8_0": None}[name]
     if weight_type is not None:
         assert torch.equal(q.reshape(-1, 96), quantize_weight(rows, weight_type).dequantize())
-    else:
-        scale = rows.abs().amax(1, keepdim=True) / 127
-        assert torch.allclose(q.reshape(-1, 96), (rows / scale).round() * scale)
+    else:  # integers per token (int8) or per block (llama.cpp's q8_K of 256, q8_0 of 32 with an fp16 scale)
+        block = act.block or 96
+        g = torch.nn.functional.pad(rows, (0, -96 % block)).view(len(rows), -1, block)
+        step = g.abs().amax(-1, keepdim=True) / 127
+        ref = (g / step).round() * (step.half().float() if name == "q8_0" else step)
+        assert torch.allclose(q.reshape(-1, 96), ref.flatten(1)[:, :96])
     # straight through: the gradient of the input is the output's
     x.requires_grad_(True)
     g = torch.randn_like(x)

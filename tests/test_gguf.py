@@ -348,3 +348,25 @@ def test_llama_cpp_tokenizes_like_transformers(which, request, tmp_path):
     want = res.tokenizer(text, add_special_tokens=True)["input_ids"]
     # add_bos=True adds BOS only where the file says the model wants one (tokenizer.ggml.add_bos_token)
     assert llm.tokenize(text.encode(), add_bos=True) == want
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_perplexity_of_a_q8_mix(pycode, tmp_path):
+    """Q2_K_MIX-q8: lowbit evaluates the mix's weights with each block layer's input rounded as
+    llama.cpp's CPU kernels round it; llama.cpp's perplexity of the file is lowbit's within 0.2%."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp check needs: pip install llama-cpp-python")
+    import lowbit
+    from lowbit.calib import tokenize
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.model import load_model
+
+    model, tok = load_model(PYCODE)
+    r = lowbit.quantize(model, "Q2_K_MIX-q8", lowbit.RTN(search=False), progress=False)
+    with open(os.path.join(PYCODE, "heldout.txt")) as f:
+        tokens = tokenize(tok, f.read())
+    seqlen, n = 256, 16
+    ours = perplexity(model, tokens=tokens, seqlen=seqlen, max_windows=n)["ppl"]
+    path = tmp_path / "pycode-q2_k_mix.gguf"
+    write_gguf(model, tok, r.layers, path, "q2_k_mix")
+    theirs = llama_cpp_ppl(path, tokens[: n * seqlen].view(n, seqlen))
+    assert abs(theirs / ours - 1) < 0.002, (theirs, ours)

@@ -67,12 +67,12 @@ def test_mix_names():
         expand_mix("Q9_K_M", None, [], "model.layers")
 
 
-def _model(tied: bool, hidden: int):
+def _model(tied: bool, hidden: int, vocab: int = 300):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
-                      num_key_value_heads=1, vocab_size=300, tie_word_embeddings=tied)
+                      num_key_value_heads=1, vocab_size=vocab, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
@@ -223,3 +223,68 @@ def test_every_mix_has_llama_cpp_quantizers_tensor_types(model_kind, tmp_path):
         write_gguf(m, tok, r.layers, ours, mix, name="m")
         assert kinds(ours) == kinds(theirs), mix
         assert ours.stat().st_size == theirs.stat().st_size, mix
+
+
+def test_llama_cpp_input_rounding():
+    """q8_k / q8_0: llama.cpp's rounding of a layer's input before the integer dot product. q8_0
+    against the gguf package's quantizer (which rounds ties away from zero: at most one step
+    apart, and rarely); q8_k by its definition (blocks of 256, the largest magnitude onto 127)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize, quantize
+
+    from lowbit.qdq.act import get_activation
+
+    x = torch.randn(6, 1024, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 1, 1024)
+    x[2, :256] = 0  # an empty block stays zero
+    q8_0 = get_activation("q8_0")(x)
+    ref = torch.from_numpy(dequantize(quantize(x.numpy(), gguf.GGMLQuantizationType.Q8_0),
+                                      gguf.GGMLQuantizationType.Q8_0)).reshape(x.shape)
+    step = x.view(6, -1, 32).abs().amax(-1, keepdim=True).half().float() / 127
+    off = ((q8_0 - ref).view(6, -1, 32).abs() / step.clamp(min=1e-30))
+    assert off.max() <= 1.001 and (off > 0.5).float().mean() < 1e-3
+    q8_k = get_activation("q8_k")(x)
+    blocks, got = x.view(6, 4, 256), q8_k.view(6, 4, 256)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    codes = got / d.clamp(min=1e-30)
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127.001
+    assert torch.equal(got.abs().amax(-1), blocks.abs().amax(-1))
+    assert ((got - blocks).abs() <= d / 2 * 1.0001 + 1e-12).all()
+    assert torch.equal(q8_k[2, :256], torch.zeros(256)) and not torch.equal(q8_k, x)
+
+
+def test_q8_mix_rounds_block_inputs_and_writes_the_same_file(tmp_path):
+    """`Q3_K_M-q8` gives every block layer llama.cpp's input rounding for its type (q8_k, or q8_0
+    for a fallback type), the outside layers none, the same llama.cpp file type; round to nearest
+    does not look at inputs, so its weights and GGUF file are those of plain Q3_K_M, while the
+    model computes with its inputs rounded."""
+    pytest.importorskip("gguf")
+    from lowbit.allocate.plan import block_layers
+    from lowbit.export.gguf import write_gguf
+    from lowbit.model import load_model
+
+    need_assets()
+    _, tok = load_model(os.path.join(ASSETS, "models", "stories260K"))
+
+    assert mix_name("Q3_K_M-q8") == "q3_k_m-q8" and mix_name("gguf:q4_k_m-Q8") == "q4_k_m-q8"
+    assert mix_name("Q3_K-q8") is None and get_scheme("Q3_K-q8").name == "gguf:q3_k-q8"
+    model = _model(False, 320, len(tok))  # 512-wide ffn_down: q3_k / q4_k; 320 wide: not whole super-blocks
+    m = expand_mix("Q3_K_M-q8", model, list(block_layers(model)), "model.layers")
+    assert m.file_type == "MOSTLY_Q3_K_M" and m.scheme.name == "gguf:q3_k-q8"
+    assert all(s.act is None for s in m.outside.values())
+    r = lowbit.quantize(model, "Q3_K_M-q8", lowbit.RTN(search=False), progress=False)
+    acts = {n: (q.scheme.dtype, q.scheme.act) for n, q in r.layers.items() if ".layers." in n}
+    assert acts["model.layers.0.mlp.down_proj"] == ("q4_k", "q8_k")  # 512 inputs
+    assert acts["model.layers.0.mlp.up_proj"] == ("q4_0", "q8_0")  # 320 inputs: llama.cpp's fallback
+    assert {a for _, a in acts.values()} == {"q8_k", "q8_0"}
+
+    plain_model = _model(False, 320, len(tok))
+    plain = lowbit.quantize(plain_model, "Q3_K_M", lowbit.RTN(search=False), progress=False)
+    for n, q in plain.layers.items():
+        assert torch.equal(q.dequantize(), r.layers[n].dequantize()), n
+    ids = torch.randint(0, len(tok), (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, plain_model(input_ids=ids).logits
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05 * b.abs().max().item())
+    write_gguf(model, tok, r.layers, tmp_path / "q8.gguf", "q3_k_m", name="m")
+    write_gguf(plain_model, tok, plain.layers, tmp_path / "plain.gguf", "q3_k_m", name="m")
+    assert (tmp_path / "q8.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()

@@ -354,7 +354,7 @@ class CompressedTensors(Format):
 
     def check(self, scheme):
         if scheme.dtype not in ("int", "mxfp", "nvfp", "fp8"):
-            return f"format compressed_tensors has no layout for {scheme.name}; use --format {scheme.name} or fake"
+            return f"format compressed_tensors has no layout for {scheme.name}; use --format gguf:{scheme.dtype} or fake"
         if scheme.dtype == "int" and scheme.act not in (None, "int8"):
             return f"format compressed_tensors cannot declare {scheme.act} inputs for integer weights ({scheme.name})"
         if scheme.dtype == "mxfp" and scheme.act not in (None, "mxfp4", "mxfp8"):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lowbit.mixes import MIXES
+from lowbit.mixes import MIXES, mix_base
 from lowbit.errors import LowbitError
 from lowbit.experts import split_experts
 from lowbit.export.base import Format, Layout, Writer, ordered_tensors
@@ -162,8 +162,8 @@ class GGUFType:
 
     def check(self, scheme) -> str | None:
         name = f"gguf:{self.name}"
-        if scheme.dtype in KFORMATS and scheme.act is None:
-            return None  # written in its own type (k-quant layers are stored as tuned)
+        if scheme.dtype in KFORMATS:
+            return None  # written in its own type (k-quant layers are stored as tuned; -q8 is how llama.cpp runs them)
         if scheme.dtype != "int" or scheme.act is not None:
             return f"{name} stores integer weights with 16-bit inputs, not {scheme.name}; use --format fake"
         if self.bits is not None and scheme.bits != self.bits:
@@ -510,7 +510,8 @@ class GGUFWriter(Writer):
         try:
             name = self.name or os.path.splitext(os.path.basename(self.path))[0]
             # the file type a mix's layers follow, whatever the option that re-encodes int layers
-            file_type = MIXES[layout.recipe][1] if layout.recipe in MIXES else self.qt.file_type
+            recipe = mix_base(layout.recipe) if layout.recipe else None
+            file_type = MIXES[recipe][1] if recipe in MIXES else self.qt.file_type
             _write_metadata(w, gguf, layout.model, name, int(getattr(gguf.LlamaFileType, file_type)))
             _write_tokenizer(w, gguf, layout.tokenizer, int(layout.model.get_input_embeddings().weight.shape[0]))
             for gname, shape, dtype, nbytes, raw in self.infos:

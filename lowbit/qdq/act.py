@@ -7,6 +7,11 @@ format (W4A4, W8A8). Dynamic: every scale comes from the tensor at hand, as the 
                    static, as NVFP4 kernels take it), or the tensor at hand's when not calibrated
     fp8            E4M3 per token, float32 scale amax / 448
     int8           integers per token, symmetric, scale amax / 127
+    q8_k / q8_0    llama.cpp's CPU kernels: before the integer dot product with a k-quant weight
+                   the input is rounded to 8-bit integers per block of 256 (q8_K, float32 scale
+                   amax / 127); with a legacy type (Q4_0 ... Q8_0) per block of 32, the scale
+                   stored in float16 (q8_0, q8_1). Declaring them makes lowbit tune and evaluate
+                   what llama.cpp computes (`--scheme Q4_K_M-q8`)
 
 Each is a quantize-dequantize with a straight-through gradient (the input passes it unchanged),
 so SignRound tunes the weights under it. Inputs whose features are not a whole number of blocks
@@ -49,6 +54,16 @@ def _int8(x, gs=None):
     return (x / s).round().clamp(-127, 127) * s
 
 
+def _ggml_q8(x, block, half_scale):
+    # as quantize_row_q8_K / q8_0: codes round(x * 127 / amax) (ties to even, as the SIMD paths
+    # round), value code * amax / 127, that scale rounded to float16 for q8_0
+    g = to_groups(x, block)
+    amax = g.abs().amax(-1, keepdim=True)
+    d = amax / 127
+    codes = (g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).round()  # an empty block: 0
+    return from_groups(codes * (d.half().float() if half_scale else d), x.shape[1])
+
+
 @dataclass(frozen=True)
 class Activation:
     name: str
@@ -77,6 +92,8 @@ ACTIVATIONS = {a.name: a for a in (
     Activation("nvfp4", 4, 16, "nv", _nvfp4, calibrated=True),
     Activation("fp8", 8, 0, "nv", _fp8),
     Activation("int8", 8, 0, "int", _int8),
+    Activation("q8_k", 8, 256, "ggml", lambda x, gs=None: _ggml_q8(x, 256, False)),
+    Activation("q8_0", 8, 32, "ggml", lambda x, gs=None: _ggml_q8(x, 32, True)),
 )}
 
 

@@ -50,6 +50,12 @@ class KFormat:
         return QK_K if self.sub_levels else self.group
 
     @property
+    def inputs(self) -> str:
+        """The 8-bit type llama.cpp's CPU kernels round this type's layer inputs to before the
+        integer dot product (an activation type of lowbit.qdq.act)."""
+        return "q8_k" if self.sub_levels else "q8_0"
+
+    @property
     def per(self) -> int:
         """Sub-blocks per super-block."""
         return self.weights_per_block // self.group
