@@ -12,6 +12,7 @@ from lowbit.qdq.kquant import FORMATS as KQUANT_FORMATS
 
 # The group size a float type's name implies (MX blocks of 32, NVFP4 of 16, FP8 per channel).
 FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1}
+RCEIL = "_rceil"  # MX inputs whose scale rounds up (qdq/act.py): a scheme name's "-rceil"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ class Scheme:
     @property
     def name(self) -> str:
         """The name get_scheme reads back: W4A16G64, W4A8 (int8 inputs), MXFP4 (W4A4),
-        MXFP4A16 (weights only), NVFP4, FP8 (W8A8), FP8G128A16, ..."""
+        MXFP4A16 (weights only), NVFP4, FP8 (W8A8), FP8G128A16, MXFP8-rceil, ..."""
+        if self.act is not None and self.act.endswith(RCEIL):
+            return dataclasses.replace(self, act=self.act.removesuffix(RCEIL)).name + "-rceil"
         if self.dtype in KQUANT_FORMATS:
             return f"gguf:{self.dtype}" + ("" if self.act is None else "-q8")
         if self.dtype == "int":
@@ -141,10 +144,17 @@ def as_scheme(s: "Scheme | str") -> Scheme:
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
     """A scheme by name (case-insensitive): a preset, W<bits>A16|A8[G<group>|PC][-asym] (group 128
     when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8 with its
-    own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs; llama.cpp's types
+    own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs (-rceil after MX
+    inputs: their scale rounded up, as NVIDIA's kernels do: MXFP8-rceil); llama.cpp's types
     gguf:q4_k (Q4_K), with -q8 for inputs rounded as llama.cpp's CPU kernels round them; with the
     group size or symmetry overridden if given."""
     key = name.strip().upper()
+    if key.endswith("-RCEIL"):  # MXFP8-rceil, W4A16-MXFP4-rceil: MX inputs, scale rounded up
+        base = get_scheme(key.removesuffix("-RCEIL"), group_size, sym)
+        if base.act not in ("mxfp4", "mxfp8"):
+            raise LowbitError(f"{name}: -rceil rounds up the scale of MX inputs; {base.name} has "
+                              f"{base.act or '16-bit'} inputs")
+        return base.replace(act=base.act + RCEIL)
     base = PRESETS.get(key) or _parse(key)
     plain = PRESETS.get(key.removesuffix("-Q8"))
     if base is None and plain is not None and plain.dtype in KQUANT_FORMATS:  # gguf:q4_k-q8

@@ -128,7 +128,7 @@ def test_pycode_through_transformers(scheme, tmp_path):
     _close(_logits(got, ids), _logits(ref, ids), f"pycode-7m {scheme}")
 
 
-@pytest.mark.parametrize("scheme", WITH_INPUTS + ["W3A16G64-asym"])
+@pytest.mark.parametrize("scheme", WITH_INPUTS + ["W3A16G64-asym", "MXFP8-rceil"])
 def test_lowbit_loads_its_folders_with_their_inputs(scheme, tmp_path):
     """lowbit.load reads each folder back to the fake export's function, the inputs quantized as
     declared. (transformers cannot load asymmetric pack-quantized folders: compressed-tensors sizes
@@ -145,6 +145,10 @@ def test_lowbit_loads_its_folders_with_their_inputs(scheme, tmp_path):
     for n, q in back.layers.items():
         assert q.scheme == mem.layers[n].scheme
         assert torch.equal(q.codes, mem.layers[n].codes) and torch.equal(q.scale, mem.layers[n].scale)
+    if scheme.endswith("rceil"):  # the rule rides in a key of its own, which the package's config ignores
+        with open(os.path.join(ct, "config.json")) as f:
+            assert json.load(f)["quantization_config"]["mx_input_scale"] == "rceil"
+        transformers.AutoModelForCausalLM.from_pretrained(ct, local_files_only=True)
 
 
 @pytest.mark.parametrize("model_dir", ["pycode", "stories"])

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.qdq import DTYPES, from_groups, to_groups
-from lowbit.qdq.act import ACTIVATIONS, get_activation
+from lowbit.qdq.act import ACTIVATIONS, check_mix, get_activation
 from lowbit.qdq.fp import decode, encode, round_to_element
 from lowbit.quantized import quantize_weight
 from lowbit.schemes import PRESETS, Scheme, get_scheme
@@ -118,9 +118,14 @@ def test_activation_quantizers(name):
     rows = x.reshape(-1, 96)
     weight_type = {"mxfp4": Scheme(4, 32, dtype="mxfp"), "mxfp8": Scheme(8, 32, dtype="mxfp"),
                    "nvfp4": Scheme(4, 16, dtype="nvfp"), "fp8": Scheme(8, -1, dtype="fp8"),
-                   "int8": None, "q8_k": None, "q8_0": None}[name]
+                   "int8": None, "q8_k": None, "q8_0": None, "mxfp4_rceil": None, "mxfp8_rceil": None}[name]
     if weight_type is not None:
         assert torch.equal(q.reshape(-1, 96), quantize_weight(rows, weight_type).dequantize())
+    elif name.endswith("_rceil"):  # the smallest power of two that fits the block's amax, in float64
+        g = rows.view(len(rows), -1, 32)
+        top = {4: 6.0, 8: 448.0}[act.bits]
+        s = torch.exp2(torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).double() / top))).float()
+        assert torch.equal(q.reshape(-1, 96), (round_to_element(g / s, act.bits) * s).flatten(1))
     else:  # integers per token (int8) or per block (llama.cpp's q8_K of 256, q8_0 of 32 with an fp16 scale)
         block = act.block or 96
         g = torch.nn.functional.pad(rows, (0, -96 % block)).view(len(rows), -1, block)
@@ -132,6 +137,28 @@ def test_activation_quantizers(name):
     g = torch.randn_like(x)
     act(x).backward(g)
     assert torch.equal(x.grad, g)
+
+
+def test_rceil_inputs_round_the_scale_up_where_the_spec_clips():
+    # E4M3: a block of largest 480 (in [448, 512)) clips to 448 under the spec's scale 2^(8 - 8);
+    # RCEIL takes scale 2 and keeps 480 (240 is on E4M3's grid). A largest 448 fits either way.
+    x = torch.zeros(2, 32)
+    x[0, 0], x[0, 1], x[1, 0], x[1, 1] = 480.0, 1.0, 448.0, 1.0
+    assert get_activation("mxfp8")(x)[:, 0].tolist() == [448.0, 448.0]
+    assert get_activation("mxfp8_rceil")(x)[:, 0].tolist() == [480.0, 448.0]
+    # E2M1: 7 clips to 6 under scale 1; RCEIL's scale 2 rounds 3.5 to even (4): 8. 6 fits at scale 1
+    # (and 0.75, a tie of codes 1 and 2, goes to the even one, 1.0).
+    x = torch.zeros(2, 32)
+    x[0, 0], x[1, 0], x[1, 1] = 7.0, 6.0, 0.75
+    assert get_activation("mxfp4")(x)[:, :2].tolist() == [[6.0, 0.0], [6.0, 1.0]]
+    assert get_activation("mxfp4_rceil")(x)[:, :2].tolist() == [[8.0, 0.0], [6.0, 1.0]]
+    assert get_scheme("MXFP8-rceil") == Scheme(8, 32, dtype="mxfp", act="mxfp8_rceil")
+    assert get_scheme("W4A16-MXFP4-rceil").name == "W4A16-mxfp4-rceil"
+    with pytest.raises(LowbitError, match="-rceil rounds up the scale of MX inputs; NVFP4 has nvfp4"):
+        get_scheme("NVFP4-rceil")
+    # a kernel rounds every input's scale one way: one plan takes RCEIL everywhere or nowhere
+    assert check_mix(["mxfp4_rceil", "mxfp8_rceil"]) is None
+    assert "different kinds" in check_mix(["mxfp8", "mxfp4_rceil"])
 
 
 def test_scheme_names_read_back():

@@ -91,9 +91,10 @@ def test_input_energy_is_mean_square():
     assert len(lin._forward_hooks) == 0
 
 
-def test_rtn_searches_llama_cpp_types_only_by_default():
-    """RTN's range search is on for llama.cpp's types (as llama.cpp's quantizer searches) and
-    lowers their magnitude-weighted error; integer schemes keep the plain min/max rounding."""
+def test_rtn_searches_llama_cpp_and_mx_types_by_default():
+    """RTN's range search is on for llama.cpp's types (as llama.cpp's quantizer searches) and MX
+    (each block's exponent), and lowers their magnitude-weighted error; integer schemes keep the
+    plain min/max rounding."""
     import lowbit
     from lowbit.algorithms.prescale import weight_importance
     from lowbit.quantized import quantize_weight
@@ -104,14 +105,34 @@ def test_rtn_searches_llama_cpp_types_only_by_default():
     with torch.no_grad():
         lin.weight.copy_(torch.randn(16, 512, generator=g) * 0.02)
     imp = weight_importance(lin.weight)
-    for name, searched in [("gguf:q2_k", True), ("gguf:q4_k", True), ("gguf:q3_k", True), ("W4A16", False)]:
+    for name, searched in [("gguf:q2_k", True), ("gguf:q4_k", True), ("gguf:q3_k", True), ("MXFP4A16", True),
+                           ("MXFP8A16", True), ("W4A16", False), ("NVFP4A16", False)]:
         s = get_scheme(name)
         assert lowbit.RTN().searches(s) is searched
         got = lowbit.RTN().quantize_block(None, {"lin": (lin, s)}).weights["lin"]
         plain = quantize_weight(lin.weight, s)
         err = lambda q: (((q.dequantize() - lin.weight) ** 2) * imp).sum().item()  # noqa: E731
         if searched:
-            assert err(got) < 0.97 * err(plain), name
+            assert err(got) < (0.995 if name.startswith("MXFP8") else 0.97) * err(plain), name
         else:
             assert torch.equal(got.codes, plain.codes) and torch.equal(got.scale, plain.scale)
     assert lowbit.RTN(search=True).searches(get_scheme("W4A16"))
+
+
+def test_mx_search_picks_each_blocks_exponent():
+    """On MX only the exponent of the factored amax matters: the search tries the spec's, one
+    below and one above, never does worse than the spec's, and takes the one above where the spec
+    clips the block's largest weight (E4M3: amax in (1.75, 2) x 2^k stores 1.75 x 2^k)."""
+    from lowbit.schemes import get_scheme
+
+    s = get_scheme("MXFP8A16")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 256, generator=g) * 0.05
+    w[0, 0] = 0.98  # block (0, 0): amax 0.98 = 1.96 x 2^-1, beyond E4M3's 448 = 1.75 x 2^8 at the spec's scale
+    mn, mx = search_range_factors(w, s)
+    assert set(mx.unique().tolist()) <= {0.5, 1.0, 2.0} and torch.equal(mn, mx)
+    assert mx[0, 0] == 2.0
+    wg = to_groups(w, 32)
+    err = lambda f: ((s.data_type.fake_quantize(wg, 8, True, min_scale=f, max_scale=f) - wg) ** 2).sum(-1)  # noqa: E731
+    assert torch.all(err(mx.unsqueeze(-1)) <= err(torch.ones_like(mx).unsqueeze(-1)))
+    assert err(mx.unsqueeze(-1))[0, 0] < 0.1 * err(torch.ones_like(mx).unsqueeze(-1))[0, 0]

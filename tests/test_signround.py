@@ -6,6 +6,7 @@ from torch import nn
 
 import lowbit
 from lowbit.algorithms.signround import _Bucket
+from lowbit.quantized import quantize_weight
 
 
 def test_layer_lr_default():
@@ -32,3 +33,23 @@ def test_step_uses_each_rows_lr():
     assert torch.allclose(bucket.mx[rows_a:], torch.tensor(1 - 0.5 * 0.01))
     # one layer (or layers of one rate): a plain number, as before
     assert isinstance(_Bucket("int", 32, True, items[:1], {}, algo.layer_lr).lr, float)
+
+
+
+def test_mx_keeps_each_blocks_searched_exponent():
+    """SignRound tunes an MX layer's rounding only: the range factors it starts from (each
+    block's searched exponent, factor 0.5, 1 or 2) are what it stores; an integer layer's factors
+    are tuned."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 4, bias=False)
+    two = torch.full((4, 2), 2.0)
+    bucket = _Bucket("mxfp", 32, True, [("a", lin, lowbit.get_scheme("MXFP8A16"))], {"a": (two, two)},
+                     lambda bits: 0.1)
+    assert bucket.params(True) == [bucket.v] and not bucket.mx.requires_grad
+    bucket.v.grad = torch.ones_like(bucket.v)
+    bucket.step(1.0, True, 1.0)
+    assert torch.all(bucket.mx == 2.0) and torch.all(bucket.v == -0.1)
+    q = bucket.quantized({"a": (lin, lowbit.get_scheme("MXFP8A16"))})["a"]
+    assert torch.equal(q.scale, quantize_weight(lin.weight, q.scheme, bucket.v.detach().view(4, 64), two, two).scale)
+    ints = _Bucket("int", 32, True, [("a", lin, lowbit.Scheme(4, 32))], {}, lambda bits: 0.1)
+    assert len(ints.params(True)) == 3

@@ -8,7 +8,8 @@ factor on each end of the group's min/max range, which is what SignRound's min/m
 from. Candidates, each scored by the data type's own quantize-dequantize (sub-block scales and
 all):
 
-- both ends shrunk by one factor from a grid (1.00, 0.98, ..., 0.40);
+- both ends shrunk by one factor from a grid (1.00, 0.98, ..., 0.40; MX types: the exponents
+  around the spec's, mx.py);
 - for types that store each group's min as a number (llama.cpp's Q2_K, Q4_K, Q5_K, Q4_1, Q5_1),
   also the weighted least-squares fit of a scale and a min to the codes that each of 21 trial
   scales gives (the way llama.cpp's quantizer fits its sub-blocks): the two ends move apart, which
@@ -31,13 +32,15 @@ def search_range_factors(
     w: torch.Tensor,
     scheme: Scheme,
     importance: torch.Tensor | None = None,
-    grid=DEFAULT_GRID,
+    grid=None,
     least_squares: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best (min factor, max factor) per group, each [out, n_groups], for weight w [out, in] and
-    importance [in] (or one per weight, [out, in]); least_squares: add the fitted candidate where
-    the type stores free mins."""
+    importance [in] (or one per weight, [out, in]); grid: the shared factors to try (None: the
+    type's own range_grid, else DEFAULT_GRID); least_squares: add the fitted candidate where the
+    type stores free mins."""
     group_size, dtype = scheme.group_size, scheme.data_type
+    grid = grid or dtype.range_grid or DEFAULT_GRID
     wg = to_groups(w.detach().float(), group_size)  # [out, ng, g]
     if importance is None:
         imp = torch.ones_like(wg)

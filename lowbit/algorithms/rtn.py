@@ -14,8 +14,9 @@ from lowbit.quantized import quantize_weight
 class RTN:
     # Before rounding, choose each group's range for the least weighted squared weight error
     # (prescale.search_range_factors, weighted by prescale.weight_importance: no data). None: for
-    # llama.cpp's block types only, whose own quantizer searches too; other types keep the plain
-    # min/max rounding, the textbook baseline.
+    # llama.cpp's block types, whose own quantizer searches too, and types with a grid of their own
+    # (MX: which exponent each block's scale takes); other types keep the plain min/max rounding,
+    # the textbook baseline.
     search: bool | None = None
 
     name: ClassVar[str] = "rtn"
@@ -23,7 +24,9 @@ class RTN:
     block_batch_size: ClassVar[int] = 8
 
     def searches(self, scheme) -> bool:
-        return self.search if self.search is not None else scheme.dtype in LLAMA_CPP_TYPES
+        if self.search is not None:
+            return self.search
+        return scheme.dtype in LLAMA_CPP_TYPES or scheme.data_type.range_grid is not None
 
     def tuning_dtype(self, device):
         return None

@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
 from lowbit.algorithms.cpu_attention import attention_context
-from lowbit.algorithms.prescale import search_range_factors
+from lowbit.algorithms.prescale import search_range_factors, weight_importance
 from lowbit.errors import LowbitError
 from lowbit.host import before_compile
 from lowbit.progress import Progress
@@ -40,7 +40,7 @@ class SignRound:
     # The step's start (it decays linearly to 0); None: per layer, `layer_lr` below.
     lr: float | None = None
     batch_size: int = 8
-    tune_minmax: bool = True  # learn the per-group min/max factors, not only V
+    tune_minmax: bool = True  # learn the per-group min/max factors, not only V (not on MX: qdq/mx.py)
     # Start from an activation-weighted search of each group's range (SignRoundV2); None: for
     # layers of 3 bits or fewer, where it helps (BENCHMARKS.md).
     prescale: bool | None = None
@@ -160,17 +160,17 @@ class _Bucket:
         self.lr = lrs[0][1] if len({lr for _, lr in lrs}) == 1 else torch.cat(
             [torch.full((n, 1), lr) for n, lr in lrs]).to(self.w.device)
         self.v = torch.zeros_like(self.w, requires_grad=True)
-        self.mn = torch.cat([f[0] for f in factors]).requires_grad_(True)
-        self.mx = torch.cat([f[1] for f in factors]).requires_grad_(True)
+        self.mn = torch.cat([f[0] for f in factors]).requires_grad_(self.dtype.range_tuned)
+        self.mx = torch.cat([f[1] for f in factors]).requires_grad_(self.dtype.range_tuned)
 
     def params(self, tune_minmax: bool):
-        return [self.v, self.mn, self.mx] if tune_minmax else [self.v]
+        return [self.v, self.mn, self.mx] if tune_minmax and self.dtype.range_tuned else [self.v]
 
     @torch.no_grad()
     def step(self, decay: float, tune_minmax: bool, minmax_max: float) -> None:
         """The signed step, in place: p -= lr * decay * sign(grad), then back into its range."""
         bounded = [(self.v, -0.5, 0.5)]
-        if tune_minmax:
+        if tune_minmax and self.dtype.range_tuned:
             bounded += [(self.mn, 0, minmax_max), (self.mx, 0, minmax_max)]
         for p, lo, hi in bounded:
             g = p.grad.sign_()
@@ -209,12 +209,16 @@ def _buckets(cfg: SignRound, layers: LayerMap, init_factors: dict) -> list[_Buck
 
 
 def _prescale(cfg: SignRound, layers: LayerMap, importance: dict | None) -> dict:
-    """Initial (min, max) factors per layer, [out, n_groups] each, from the weighted range search."""
-    return {
-        name: search_range_factors(lin.weight, s, (importance or {}).get(name))
-        for name, (lin, s) in layers.items()
-        if cfg.uses_prescale(s.bits)
-    }
+    """Initial (min, max) factors per layer, [out, n_groups] each, from the weighted range search:
+    where prescale is on, and unless it is switched off on types with a grid of their own (MX:
+    each block's exponent, a search as cheap as RTN's), weighted as RTN weights it where no
+    inputs were seen."""
+    out = {}
+    for name, (lin, s) in layers.items():
+        if cfg.uses_prescale(s.bits) or (cfg.prescale is not False and s.data_type.range_grid is not None):
+            imp = (importance or {}).get(name)
+            out[name] = search_range_factors(lin.weight, s, weight_importance(lin.weight) if imp is None else imp)
+    return out
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator):

@@ -10,11 +10,11 @@ Larger means quantizing that layer with that option hurts more.
   (the GPTQ/HAWQ-style proxy).
 - output_mse: each layer quantized alone, the mean squared error of its block's output.
 
-The options are quantized by round to nearest, or by the activation-weighted range search when
-prescale is on, so the scores describe what the tuning starts from. With `tuned` (from
-`tuned_weights`: the whole model quantized with each option by a short SignRound) they describe
-what the tuning ends with instead: SignRound repairs 2-bit layers far more than 3- or 4-bit ones,
-which scores taken on rounded weights cannot see.
+The options are quantized by round to nearest (as RTN rounds them: MX exponents searched), or by
+the activation-weighted range search when prescale is on, so the scores describe what the tuning
+starts from. With `tuned` (from `tuned_weights`: the whole model quantized with each option by a
+short SignRound) they describe what the tuning ends with instead: SignRound repairs 2-bit layers
+far more than 3- or 4-bit ones, which scores taken on rounded weights cannot see.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lowbit.algorithms.prescale import search_range_factors
+from lowbit.algorithms.prescale import search_range_factors, weight_importance
 from lowbit.algorithms.stats import InputEnergy
 from lowbit.model import capture_block_inputs, run_block
 from lowbit.qdq.act import get_activation
@@ -32,7 +32,14 @@ from lowbit.schemes import Scheme
 
 
 def quantized_weight(w: torch.Tensor, scheme: Scheme, importance: torch.Tensor | None, prescale: bool) -> torch.Tensor:
-    mn, mx = search_range_factors(w, scheme, importance) if prescale else (None, None)
+    """w as the quantizer starts from it: its range searched where prescale is on, and on a type
+    with a grid of its own (MX exponents) as RTN searches it."""
+    if prescale:
+        mn, mx = search_range_factors(w, scheme, importance)
+    elif scheme.data_type.range_grid is not None:
+        mn, mx = search_range_factors(w, scheme, weight_importance(w))
+    else:
+        mn, mx = None, None
     return quantize_weight(w, scheme, min_scale=mn, max_scale=mx).dequantize(w.dtype)
 
 

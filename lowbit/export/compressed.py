@@ -49,7 +49,7 @@ from lowbit.model import ckpt_name
 from lowbit.qdq.act import get_activation
 from lowbit.qdq.pack import pack_rows, pad_to, unpack_rows
 from lowbit.quantized import QuantizedWeight, QuantizeResult
-from lowbit.schemes import Scheme
+from lowbit.schemes import RCEIL, Scheme
 from lowbit.version import __version__
 
 QUANT_METHOD = "compressed-tensors"
@@ -93,8 +93,9 @@ def input_args(act: str | None) -> dict | None:
     if act in ("int8", "fp8"):
         return base | {"num_bits": 8, "type": "int" if act == "int8" else "float", "group_size": None,
                        "strategy": "token"}
-    if act in ("mxfp4", "mxfp8"):
-        return base | {"num_bits": int(act[-1]), "type": "float", "group_size": 32, "strategy": "group",
+    mx = act.removesuffix(RCEIL)  # the scale's rounding has no field here (quantization_config)
+    if mx in ("mxfp4", "mxfp8"):
+        return base | {"num_bits": int(mx[-1]), "type": "float", "group_size": 32, "strategy": "group",
                        "scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
     if act == "nvfp4":
         return base | {"num_bits": 4, "type": "float", "group_size": 16, "strategy": "tensor_group",
@@ -186,7 +187,10 @@ def quantization_config(schemes: dict[str, Scheme], ignore: list[str]) -> dict:
             "format": ct_format(s),
         }
     formats = {g["format"] for g in groups.values()}
-    return {
+    # compressed-tensors has no field for how MX inputs round their scale; its config ignores keys
+    # it does not know, so the RCEIL rule (one per model: activations' families) is a key of its own
+    rceil = {"mx_input_scale": "rceil"} if any(s.act and s.act.endswith(RCEIL) for s in schemes.values()) else {}
+    return rceil | {
         "quant_method": QUANT_METHOD,
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
@@ -326,6 +330,8 @@ def load_compressed(path: str, dtype: torch.dtype = torch.float32):
     tensors = {model_name(mt, k): v for k, v in read_tensors(path).items()}
     ignore = set(qcfg.get("ignore") or [])
     groups = [(g.get("targets", []), _scheme_of(g)) for g in qcfg.get("config_groups", {}).values()]
+    if qcfg.get("mx_input_scale") == "rceil":
+        groups = [(t, s.replace(act=s.act + RCEIL) if s.act in ("mxfp4", "mxfp8") else s) for t, s in groups]
     layers, acts = {}, {}
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -357,17 +363,23 @@ class CompressedTensors(Format):
             return f"format compressed_tensors has no layout for {scheme.name}; use --format gguf:{scheme.dtype} or fake"
         if scheme.dtype == "int" and scheme.act not in (None, "int8"):
             return f"format compressed_tensors cannot declare {scheme.act} inputs for integer weights ({scheme.name})"
-        if scheme.dtype == "mxfp" and scheme.act not in (None, "mxfp4", "mxfp8"):
+        if scheme.dtype == "mxfp" and scheme.act not in (None, "mxfp4", "mxfp8", "mxfp4" + RCEIL, "mxfp8" + RCEIL):
             return f"format compressed_tensors cannot declare {scheme.act} inputs for MX weights ({scheme.name})"
         return None
 
     def engine_notes(self, schemes) -> list[str]:
         """Which engines load what: vLLM's kernels run 4- and 8-bit integers."""
+        notes = []
         odd = sorted({s.name for s in schemes if s.dtype == "int" and s.bits not in _VLLM_INT_BITS})
         if odd:
-            return [f"compressed_tensors: {', '.join(odd)} written, but vLLM's kernels run only 4- and 8-bit "
-                    "integer weights; transformers (with compressed-tensors) loads them"]
-        return []
+            notes.append(f"compressed_tensors: {', '.join(odd)} written, but vLLM's kernels run only 4- and 8-bit "
+                         "integer weights; transformers (with compressed-tensors) loads them")
+        rceil = sorted({s.name for s in schemes if s.act and s.act.endswith(RCEIL)})
+        if rceil:
+            notes.append(f"compressed_tensors: {', '.join(rceil)}: the file declares MX inputs and records their "
+                         "rounded-up scale in quantization_config.mx_input_scale, which lowbit reads back; an "
+                         "engine's kernels round the inputs' scale by their own rule")
+        return notes
 
     def open(self, folder, layout, state=None):
         for w in self.engine_notes(set(layout.schemes.values())) if state is None else ():

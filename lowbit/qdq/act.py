@@ -2,6 +2,10 @@
 format (W4A4, W8A8). Dynamic: every scale comes from the tensor at hand, as the kernels compute it.
 
     mxfp4 / mxfp8  blocks of 32 along the input features, E8M0 scale, E2M1 / E4M3 elements
+                   (the scale by the OCP spec's rule, which clips a block's largest values at the
+                   element's maximum when amax / 2^floor(log2 amax) > 1.5 (E2M1) or 1.75 (E4M3))
+    mxfp4_rceil    the same with the scale rounded up so nothing clips (RCEIL: NVIDIA's kernels,
+    mxfp8_rceil    Transformer Engine; auto-round's MXFP4_RCEIL / MXFP8_RCEIL inputs)
     nvfp4          blocks of 16, E4M3 block scales under a float32 global scale, 448 * 6 / amax:
                    calibrated (the largest input magnitude the layer saw on the calibration data,
                    static, as NVFP4 kernels take it), or the tensor at hand's when not calibrated
@@ -30,9 +34,9 @@ from lowbit.qdq.mx import mx_scale
 from lowbit.qdq.nv import e4m3, global_scale
 
 
-def _mx(x, bits, gs=None):
+def _mx(x, bits, rceil=False):
     g = to_groups(x, 32)
-    s = mx_scale(g.abs().amax(-1, keepdim=True), bits)
+    s = mx_scale(g.abs().amax(-1, keepdim=True), bits, rceil)
     return from_groups(round_to_element(g / s, bits) * s, x.shape[1])
 
 
@@ -69,7 +73,7 @@ class Activation:
     name: str
     bits: int
     block: int  # features sharing a scale; 0: a scale per token
-    family: str  # types one model may mix (one kernel family: MX, NVFP4 with FP8, int8)
+    family: str  # types one model may mix (one kernel family: MX, MX with RCEIL scales, NVFP4 with FP8, int8)
     fn: object
     calibrated: bool = False  # takes a global scale calibrated on the layer's inputs (calibrate())
 
@@ -89,6 +93,8 @@ class Activation:
 ACTIVATIONS = {a.name: a for a in (
     Activation("mxfp4", 4, 32, "mx", lambda x, gs=None: _mx(x, 4)),
     Activation("mxfp8", 8, 32, "mx", lambda x, gs=None: _mx(x, 8)),
+    Activation("mxfp4_rceil", 4, 32, "mx_rceil", lambda x, gs=None: _mx(x, 4, rceil=True)),
+    Activation("mxfp8_rceil", 8, 32, "mx_rceil", lambda x, gs=None: _mx(x, 8, rceil=True)),
     Activation("nvfp4", 4, 16, "nv", _nvfp4, calibrated=True),
     Activation("fp8", 8, 0, "nv", _fp8),
     Activation("int8", 8, 0, "int", _int8),

@@ -22,6 +22,10 @@ class DataType:
     # the range of a layer's rows is computed on the layer and passed in (wrange) wherever the
     # rows of several layers are quantized together.
     range_is_local: bool = True
+    # The range factors a search tries on this type (prescale.search_range_factors); None: the
+    # search's default grid (1.00 ... 0.40). range_tuned: whether SignRound tunes them further.
+    range_grid: tuple[float, ...] | None = None
+    range_tuned: bool = True
 
     def check(self, bits: int, group_size: int, sym: bool) -> str | None:
         """Why this type cannot take these settings, or None when it can."""
