@@ -20,8 +20,8 @@ evaluated by lowbit's perplexity on the same text.
 Variants: rtn; signround (200 iterations, lowbit's defaults); signround-drop (the largest 0.1% of
 squared output errors left out of the loss, drop=0.001); signround-prescale (the activation-
 weighted scale search before tuning); signround-drop-prescale; signround-lr0.01 (twice the default
-step at 200 iterations); signround-fixedrange (the range factors kept where they start: on MX,
-each block's searched exponent). Calibration: 128 windows of 256
+step at 200 iterations); signround-fixedrange (the range factors kept where they start, as MX
+keeps them anyway). Calibration: 128 windows of 256
 tokens, seed 0 (pycode-7m: its calib.txt; SmolLM2: c4_validation_2k); evaluation: pycode-7m's
 heldout.txt, 300 windows of 256 / SmolLM2: wikitext2 test, 40 windows of 256. "recovered" is the
 share of the perplexity round to nearest loses against full precision that the variant wins back.

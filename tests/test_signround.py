@@ -35,7 +35,6 @@ def test_step_uses_each_rows_lr():
     assert isinstance(_Bucket("int", 32, True, items[:1], {}, algo.layer_lr).lr, float)
 
 
-
 def test_mx_keeps_each_blocks_searched_exponent():
     """SignRound tunes an MX layer's rounding only: the range factors it starts from (each
     block's searched exponent, factor 0.5, 1 or 2) are what it stores; an integer layer's factors

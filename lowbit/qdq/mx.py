@@ -41,7 +41,7 @@ class MXType(ScaledFloat):
     # spec's exponent, one lower, and one higher (2: the round-up, RCEIL, exponent where the spec's
     # clips the block's largest weights at the element's maximum). Any E8M0 scale is valid MX.
     # SignRound keeps the searched exponent: a sign step on a factor that only picks a power of
-    # two follows a straight-through gradient with no meaning, and did worse (BENCHMARKS.md).
+    # two would follow a straight-through gradient with no meaning.
     range_grid = (0.5, 1.0, 2.0)
     range_tuned = False
 
