@@ -10,8 +10,15 @@ from lowbit.qdq import get_dtype
 from lowbit.qdq.act import get_activation
 from lowbit.qdq.kquant import FORMATS as KQUANT_FORMATS
 
-# The group size a float type's name implies (MX blocks of 32, NVFP4 of 16, FP8 per channel).
-FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1}
+# The group size a float type's name implies (MX blocks of 32, NVFP4 of 16, FP8 per channel,
+# FP8_BLOCK tiles of 128 x 128), and the names of the FP8 types (MX and NV: MXFP4, NVFP4, ...).
+FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1, "fp8_block": 128}
+FP8_NAMES = {"fp8": ("FP8", "fp8"), "fp8_block": ("FP8_BLOCK", "fp8_g128")}  # dtype: (name, its own inputs)
+
+
+def _float_names(dtype: str, bits: int) -> tuple[str, str]:
+    """(the name, the activation type it implies) of a float weight type at `bits`."""
+    return FP8_NAMES.get(dtype, (f"{dtype.upper()}{bits}", f"{dtype}{bits}"))
 RCEIL = "_rceil"  # MX inputs whose scale rounds up (qdq/act.py): a scheme name's "-rceil"
 
 
@@ -71,9 +78,8 @@ class Scheme:
             act = {None: "A16", "int8": "A8"}.get(self.act, f"A16-{self.act}")
             name = f"W{self.bits}{act[:3]}{g}" + act[3:]
             return name + ("" if self.sym else "-asym")
-        base = f"{self.dtype.upper()}{'' if self.dtype == 'fp8' else self.bits}"
+        base, own = _float_names(self.dtype, self.bits)
         g = "" if self.group_size == FLOAT_GROUPS[self.dtype] else (f"G{self.group_size}" if self.group_size > 0 else "PC")
-        own = self.dtype.removesuffix("fp8") + ("fp8" if self.dtype == "fp8" else str(self.bits))
         act = "A16" if self.act is None else "" if self.act == own else f"-{self.act}"
         return base + g + act
 
@@ -97,6 +103,7 @@ PRESETS = {
     "MXFP8": Scheme(8, 32, dtype="mxfp", act="mxfp8"),
     "NVFP4": Scheme(4, 16, dtype="nvfp", act="nvfp4"),
     "FP8": Scheme(8, -1, dtype="fp8", act="fp8"),
+    "FP8_BLOCK": Scheme(8, 128, dtype="fp8_block", act="fp8_g128"),
     # integer weights, int8 inputs per token
     "W4A8": Scheme(4, 128, act="int8"),
     "W8A8": Scheme(8, -1, act="int8"),
@@ -113,24 +120,23 @@ PRESETS = {
 PRESETS.update({k.upper(): PRESETS[f"GGUF:{k.upper()}"] for k in KQUANT_FORMATS})
 
 
-_INT = re.compile(r"W(\d+)A(16|8)(?:G(\d+)|(PC))?(?:-(MXFP4|MXFP8|NVFP4|FP8))?(-ASYM)?")
-_FLOAT = re.compile(r"(MXFP|NVFP)(\d+)(?:G(\d+)|(PC))?(A16|-MXFP4|-MXFP8|-NVFP4|-FP8|-INT8)?|FP8(?:G(\d+)|(PC))?(A16|-MXFP4|-MXFP8|-NVFP4|-INT8)?")
+_ACTS = "-MXFP4|-MXFP8|-NVFP4|-FP8_G128|-FP8|-INT8"
+_INT = re.compile(rf"W(\d+)A(16|8)(?:G(\d+)|(PC))?({_ACTS.replace('|-INT8', '')})?(-ASYM)?")
+_FLOAT = re.compile(rf"(?:(MXFP|NVFP)(\d+)|FP8(_BLOCK)?)(?:G(\d+)|(PC))?(A16|{_ACTS})?")
 
 
 def _parse(key: str) -> Scheme | None:
     m = _INT.fullmatch(key)
     if m:
-        act = "int8" if m.group(2) == "8" else m.group(5).lower() if m.group(5) else None
+        act = "int8" if m.group(2) == "8" else m.group(5)[1:].lower() if m.group(5) else None
         group = int(m.group(3)) if m.group(3) else (-1 if m.group(4) else 128)
         return Scheme(int(m.group(1)), group, not m.group(6), act=act)
     m = _FLOAT.fullmatch(key)
     if not m:
         return None
-    if m.group(1):
-        dtype, bits, group, pc, act = m.group(1).lower(), int(m.group(2)), m.group(3), m.group(4), m.group(5)
-    else:
-        dtype, bits, group, pc, act = "fp8", 8, m.group(6), m.group(7), m.group(8)
-    own = dtype.removesuffix("fp8") + ("fp8" if dtype == "fp8" else str(bits))
+    kind, bits, block, group, pc, act = m.groups()
+    dtype, bits = (kind.lower(), int(bits)) if kind else ("fp8_block" if block else "fp8", 8)
+    own = _float_names(dtype, bits)[1]
     act = own if act is None else None if act == "A16" else act[1:].lower()
     group = int(group) if group else (-1 if pc else FLOAT_GROUPS[dtype])
     return Scheme(bits, group, dtype=dtype, act=act)
@@ -143,7 +149,7 @@ def as_scheme(s: "Scheme | str") -> Scheme:
 
 def get_scheme(name: str, group_size: int | None = None, sym: bool | None = None) -> Scheme:
     """A scheme by name (case-insensitive): a preset, W<bits>A16|A8[G<group>|PC][-asym] (group 128
-    when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8 with its
+    when not named; A8: int8 inputs per token), or a float type MXFP4|MXFP8|NVFP4|FP8|FP8_BLOCK with its
     own inputs, A16 for weights only (MXFP4A16), or -<act> for other inputs (-rceil after MX
     inputs: their scale rounded up, as NVIDIA's kernels do: MXFP8-rceil); llama.cpp's types
     gguf:q4_k (Q4_K), with -q8 for inputs rounded as llama.cpp's CPU kernels round them; with the

@@ -27,8 +27,8 @@ from test_moe import build as build_moe
 from tiny_models import ARCHS, build, data
 
 WEIGHT_ONLY = ["W4A16G32", "W3A16G64-asym", "W2A16PC", "W5A16G32", "W8A16PC", "MXFP4A16", "NVFP4A16", "MXFP8A16",
-               "FP8A16", "FP8G32A16"]
-WITH_INPUTS = ["W8A8", "W4A8G32", "MXFP4", "MXFP8", "FP8"]
+               "FP8A16", "FP8G32A16", "FP8_BLOCKG16A16"]
+WITH_INPUTS = ["W8A8", "W4A8G32", "MXFP4", "MXFP8", "FP8", "FP8_BLOCKG16"]  # tiny models: tiles of 16
 
 
 def _tensors(folder: str) -> dict[str, torch.Tensor]:
@@ -110,11 +110,11 @@ def test_transformers_loads_every_architecture(arch, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["W4A16", "W8A16", "W2A16PC", "W3A16G64", "FP8A16", "MXFP4A16", "NVFP4A16",
-                                    "MXFP8A16", "FP8"])
+                                    "MXFP8A16", "FP8", "FP8_BLOCK"])
 def test_pycode_through_transformers(scheme, tmp_path):
     """pycode-7m (float32; MX and NV folders are bfloat16, as the package unpacks them) through
     transformers with the package, against lowbit's fake export of the same dtype. FP8 quantizes
-    inputs per token exactly as the package's reference does."""
+    inputs per token (FP8_BLOCK per group of 128) exactly as the package's reference does."""
     need_assets()
     model, tok = lowbit.load(PYCODE)
     ids = tok("def add(a, b):\n    return a + b\n\nclass Stack:\n", return_tensors="pt").input_ids
@@ -123,7 +123,7 @@ def test_pycode_through_transformers(scheme, tmp_path):
     _, fake, ct = _fake_and_ct(model, scheme, tmp_path, tok)
     got = transformers.AutoModelForCausalLM.from_pretrained(ct, local_files_only=True)
     assert got.dtype == (torch.bfloat16 if scheme.startswith(("MX", "NV")) else torch.float32)
-    ref = Fake.load(fake)[0] if scheme == "FP8" else transformers.AutoModelForCausalLM.from_pretrained(fake,
+    ref = Fake.load(fake)[0] if scheme in ("FP8", "FP8_BLOCK") else transformers.AutoModelForCausalLM.from_pretrained(fake,
                                                                                                       dtype=got.dtype)
     _close(_logits(got, ids), _logits(ref, ids), f"pycode-7m {scheme}")
 

@@ -100,6 +100,27 @@ def test_fp8_per_channel_matches_torch():
     assert torch.equal(q.dequantize(), (w / scale).to(torch.float8_e4m3fn).float() * scale)
 
 
+def test_fp8_blocks_of_128_by_128_match_torch():
+    """FP8_BLOCK: one scale per 128 x 128 tile (partial tiles at the edges), amax / 448, elements
+    as torch casts them; its inputs: E4M3 per token and group of 128 features."""
+    w = torch.randn(300, 320, generator=torch.Generator().manual_seed(4))
+    w[5, 7], w[260, 300] = 40.0, -25.0  # an outlier in one tile, another in a partial corner tile
+    q = quantize_weight(w, get_scheme("FP8_BLOCKA16"))
+    scale = torch.empty(300, 3)
+    for r in range(0, 300, 128):
+        for c in range(0, 320, 128):
+            scale[r:r + 128, c // 128] = w[r:r + 128, c:c + 128].abs().max() / 448
+    assert torch.equal(q.scale, scale) and q.scale[0, 0] == 40 / 448 and q.scale[299, 2] == 25 / 448
+    full = scale.repeat_interleave(128, dim=1)[:, :320]
+    assert torch.equal(q.dequantize(), (w / full).to(torch.float8_e4m3fn).float() * full)
+    assert q.scheme.data_type.storage_bits(300, 320, 8, 128, True) == 300 * 320 * 8 + 3 * 3 * 32
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))
+    s = x.view(4, 2, 128).abs().amax(-1, keepdim=True) / 448
+    want = ((x.view(4, 2, 128) / s).to(torch.float8_e4m3fn).float() * s).view(4, 256)
+    assert torch.equal(get_activation("fp8_g128")(x), want)
+    assert get_scheme("FP8_BLOCK") == Scheme(8, 128, dtype="fp8_block", act="fp8_g128")
+
+
 def test_tuning_offset_moves_one_grid_step_in_any_binade():
     x = torch.tensor([0.6, 1.2, 2.4, 4.4])  # binades of ulp 0.5, 0.5, 1, 2
     up = round_to_element(x, 4, torch.full_like(x, 0.5))
@@ -118,6 +139,7 @@ def test_activation_quantizers(name):
     rows = x.reshape(-1, 96)
     weight_type = {"mxfp4": Scheme(4, 32, dtype="mxfp"), "mxfp8": Scheme(8, 32, dtype="mxfp"),
                    "nvfp4": Scheme(4, 16, dtype="nvfp"), "fp8": Scheme(8, -1, dtype="fp8"),
+                   "fp8_g128": Scheme(8, 128, dtype="fp8"),
                    "int8": None, "q8_k": None, "q8_0": None, "mxfp4_rceil": None, "mxfp8_rceil": None}[name]
     if weight_type is not None:
         assert torch.equal(q.reshape(-1, 96), quantize_weight(rows, weight_type).dequantize())
@@ -178,6 +200,7 @@ def test_scheme_names_read_back():
     (lambda: Scheme(4, 128, act="int4"), "activation type 'int4' is not supported"),
     (lambda: get_scheme("MXFP5"), "mxfp takes 4 or 8 bits, got 5"),
     (lambda: get_scheme("W4A4"), "unknown scheme"),
+    (lambda: get_scheme("FP8_BLOCKPC"), "fp8_block needs a tile size"),
 ])
 def test_bad_float_settings(make, message):
     with pytest.raises(LowbitError, match=message):

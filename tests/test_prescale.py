@@ -136,3 +136,21 @@ def test_mx_search_picks_each_blocks_exponent():
     err = lambda f: ((s.data_type.fake_quantize(wg, 8, True, min_scale=f, max_scale=f) - wg) ** 2).sum(-1)  # noqa: E731
     assert torch.all(err(mx.unsqueeze(-1)) <= err(torch.ones_like(mx).unsqueeze(-1)))
     assert err(mx.unsqueeze(-1))[0, 0] < 0.1 * err(torch.ones_like(mx).unsqueeze(-1))[0, 0]
+
+
+def test_fp8_block_search_scores_whole_tiles():
+    """A tile of FP8_BLOCK shares one scale across its rows, so the search picks one factor per
+    tile, by the tile's summed error: never above the plain scale's, below it somewhere."""
+    from lowbit.schemes import get_scheme
+
+    s = get_scheme("FP8_BLOCKG32A16")
+    w = torch.randn(80, 96, generator=torch.Generator().manual_seed(6)) * 0.05
+    w[3, 5] = 2.0  # one outlier: shrinking its tile's range trades it for the tile's other weights
+    mn, mx = search_range_factors(w, s)
+    assert torch.equal(mn, mx) and mx.shape == (80, 3)
+    assert torch.equal(mx, mx[::32].repeat_interleave(32, dim=0)[:80])  # constant within each tile
+    wg = to_groups(w, 32)
+    tile_err = lambda f: s.data_type.pool_rows(((s.data_type.fake_quantize(  # noqa: E731
+        wg, 8, True, min_scale=f, max_scale=f) - wg) ** 2).sum(-1, keepdim=True), 32)
+    best, plain = tile_err(mx.unsqueeze(-1)), tile_err(torch.ones_like(mx).unsqueeze(-1))
+    assert torch.all(best <= plain) and torch.any(best < plain)

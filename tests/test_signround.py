@@ -52,3 +52,26 @@ def test_mx_keeps_each_blocks_searched_exponent():
     assert torch.equal(q.scale, quantize_weight(lin.weight, q.scheme, bucket.v.detach().view(4, 64), two, two).scale)
     ints = _Bucket("int", 32, True, [("a", lin, lowbit.Scheme(4, 32))], {}, lambda bits: 0.1)
     assert len(ints.params(True)) == 3
+
+
+def test_fp8_block_rows_of_a_tile_share_one_scale_through_tuning():
+    """FP8_BLOCK with the pre-tuning search forced on: each tile's searched range is kept (its
+    rows cannot take factors of their own), so every layer stores one scale per tile."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    r = lowbit.quantize(model, "FP8_BLOCKG32", lowbit.SignRound(iters=3, batch_size=4, prescale=True), ids,
+                        progress=False)
+    assert len(r.layers) == 7
+    for name, q in r.layers.items():
+        tiles = q.scale[::32].repeat_interleave(32, dim=0)[: q.shape[0]]
+        assert torch.equal(q.scale, tiles), name
+    bucket = _Bucket("fp8_block", 32, True, [("a", nn.Linear(64, 40), lowbit.get_scheme("FP8_BLOCKG32"))], {},
+                     lambda bits: 0.1)
+    assert bucket.params(True) == [bucket.v]
+    # the tile's range, from the layer's [out, n_groups, g]: rows 32-39 form the second tile
+    assert torch.equal(bucket.range[1].view(40, 2)[32:], bucket.range[1].view(40, 2)[32:33].expand(8, 2))

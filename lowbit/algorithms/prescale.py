@@ -57,7 +57,7 @@ def search_range_factors(
         mn = torch.full_like(best_err, mn) if isinstance(mn, float) else mn
         mx = torch.full_like(best_err, mx) if isinstance(mx, float) else mx
         qdq = dtype.fake_quantize(wg, scheme.bits, scheme.sym, min_scale=mn, max_scale=mx)
-        err = ((qdq - wg) ** 2 * imp).sum(-1, keepdim=True)
+        err = dtype.pool_rows(((qdq - wg) ** 2 * imp).sum(-1, keepdim=True), group_size)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_mn = torch.where(better, mn, best_mn)

@@ -142,8 +142,9 @@ class _Bucket:
             out_f, in_f = lin.weight.shape
             wg = to_groups(lin.weight.detach().float(), group_size)
             rows.append(wg.reshape(-1, wg.shape[-1]))
-            ranges.append(self.dtype.init_range(rows[-1]) if not self.dtype.range_is_local else ())
             n = rows[-1].shape[0]
+            if not self.dtype.range_is_local:  # from the layer's [out, n_groups, g] (fp8_block: tiles)
+                ranges.append(tuple(r.reshape(n, 1) for r in self.dtype.init_range(wg)))
             bits.append(torch.full((n, 1), float(scheme.bits)))
             lrs.append((n, layer_lr(scheme.bits)))
             f = init_factors.get(name)

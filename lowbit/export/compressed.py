@@ -16,6 +16,8 @@ the package's own decompressor and vLLM's loaders read it:
         stored as uint8 exponents (2^(e-127)).
     MXFP8                                        mxfp8-quantized: X.weight float8_e4m3fn, uint8 E8M0.
     FP8                                          float-quantized: X.weight float8_e4m3fn, float32 scales.
+    FP8_BLOCK                                    float-quantized, strategy "block": a float32 scale per
+        tile, X.weight_scale [ceil(out/128), in/128]; inputs dynamic per token and group of 128.
 
 config.json's quantization_config holds one config group per distinct scheme. A single scheme
 targets "Linear", and `ignore` names every Linear left in float; a mixed plan names its layers in
@@ -66,7 +68,7 @@ def ct_format(s: Scheme) -> str:
         return "nvfp4-pack-quantized"
     if s.dtype == "mxfp":
         return "mxfp4-pack-quantized" if s.bits == 4 else "mxfp8-quantized"
-    if s.dtype == "fp8":
+    if s.dtype in ("fp8", "fp8_block"):
         return "float-quantized"
     raise LowbitError(f"format compressed_tensors has no layout for data type {s.dtype}")
 
@@ -81,6 +83,8 @@ def weight_args(s: Scheme) -> dict:
         a |= {"strategy": "tensor_group", "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn"}
     if s.dtype == "mxfp":
         a |= {"scale_dtype": "torch.uint8", "zp_dtype": "torch.uint8"}
+    if s.dtype == "fp8_block":
+        a |= {"strategy": "block", "group_size": None, "block_structure": [s.group_size, s.group_size]}
     return a
 
 
@@ -93,6 +97,8 @@ def input_args(act: str | None) -> dict | None:
     if act in ("int8", "fp8"):
         return base | {"num_bits": 8, "type": "int" if act == "int8" else "float", "group_size": None,
                        "strategy": "token"}
+    if act == "fp8_g128":
+        return base | {"num_bits": 8, "type": "float", "group_size": 128, "strategy": "group"}
     mx = act.removesuffix(RCEIL)  # the scale's rounding has no field here (quantization_config)
     if mx in ("mxfp4", "mxfp8"):
         return base | {"num_bits": int(mx[-1]), "type": "float", "group_size": 32, "strategy": "group",
@@ -159,7 +165,8 @@ def layer_tensors(name: str, q: QuantizedWeight, scale_dtype: torch.dtype) -> di
             t["weight_scale"] = _e8m0(q.scale)
     else:  # mxfp8-quantized, float-quantized
         t["weight"] = q.codes.view(torch.float8_e4m3fn)
-        t["weight_scale"] = _e8m0(q.scale) if s.dtype == "mxfp" else q.scale.float()
+        scale = q.scale[:: s.group_size] if s.dtype == "fp8_block" else q.scale  # a row per tile
+        t["weight_scale"] = _e8m0(scale) if s.dtype == "mxfp" else scale.float()
     if s.act is not None and get_activation(s.act).calibrated:
         if INPUT_SCALE not in q.extras:
             raise LowbitError(f"{name}: its {s.act} inputs have no calibrated scale (quantized without calibration "
@@ -248,13 +255,19 @@ def _scheme_of(group: dict) -> Scheme:
     w, a = group.get("weights") or {}, group.get("input_activations")
     bits, kind, gs = int(w.get("num_bits", 8)), w.get("type", "int"), w.get("group_size")
     strategy = w.get("strategy") or ("group" if gs else "channel")
-    if strategy not in ("group", "channel", "tensor_group"):
+    if strategy not in ("group", "channel", "tensor_group", "block"):
         raise LowbitError(f"compressed-tensors weight strategy {strategy!r} is not supported")
     group = int(gs) if strategy != "channel" and gs else -1
+    if strategy == "block":
+        rows, cols = w.get("block_structure") or (0, 1)
+        if rows != cols or kind != "float" or bits != 8:
+            raise LowbitError(f"compressed-tensors weight blocks {rows}x{cols} of {kind}{bits}: lowbit reads square "
+                              "FP8 blocks only")
+        group = int(cols)
     act = None
     if a:
         akind, abits = a.get("type", "int"), int(a.get("num_bits", 8))
-        act = {("int", 8): "int8", ("float", 8): "mxfp8" if a.get("group_size") == 32 else "fp8",
+        act = {("int", 8): "int8", ("float", 8): {32: "mxfp8", 128: "fp8_g128"}.get(a.get("group_size"), "fp8"),
                ("float", 4): "mxfp4" if a.get("group_size") == 32 else "nvfp4"}.get((akind, abits))
         if act is None:
             raise LowbitError(f"compressed-tensors input quantization {akind}{abits} is not supported")
@@ -262,7 +275,8 @@ def _scheme_of(group: dict) -> Scheme:
         return Scheme(bits, group, bool(w.get("symmetric", True)), act=act)
     if bits == 4:
         return Scheme(4, group, dtype="nvfp" if group == 16 else "mxfp", act=act)
-    dtype = "mxfp" if group == 32 and "uint8" in str(w.get("scale_dtype")) else "fp8"
+    dtype = ("fp8_block" if strategy == "block" else
+             "mxfp" if group == 32 and "uint8" in str(w.get("scale_dtype")) else "fp8")
     return Scheme(8, group, dtype=dtype, act=act)
 
 
@@ -295,6 +309,8 @@ def _read_layer(name: str, s: Scheme, t: dict, in_f: int, out_f: int) -> Quantiz
         codes = get("weight").view(torch.uint8)
         sc = get("weight_scale")
         scale = torch.exp2(sc.float() - 127) if s.dtype == "mxfp" else sc.float()
+        if s.dtype == "fp8_block":
+            scale = scale.repeat_interleave(s.group_size, dim=0)[:out_f]
     if f"{name}.{INPUT_SCALE}" in t:
         extras[INPUT_SCALE] = get(INPUT_SCALE).float().reshape(())
     return QuantizedWeight(s, codes, scale.reshape(out_f, -1), zero, extras)
@@ -359,7 +375,7 @@ class CompressedTensors(Format):
     loaded_by = "vLLM, transformers with compressed-tensors, lowbit eval"
 
     def check(self, scheme):
-        if scheme.dtype not in ("int", "mxfp", "nvfp", "fp8"):
+        if scheme.dtype not in ("int", "mxfp", "nvfp", "fp8", "fp8_block"):
             return f"format compressed_tensors has no layout for {scheme.name}; use --format gguf:{scheme.dtype} or fake"
         if scheme.dtype == "int" and scheme.act not in (None, "int8"):
             return f"format compressed_tensors cannot declare {scheme.act} inputs for integer weights ({scheme.name})"

@@ -10,6 +10,7 @@ format (W4A4, W8A8). Dynamic: every scale comes from the tensor at hand, as the 
                    calibrated (the largest input magnitude the layer saw on the calibration data,
                    static, as NVFP4 kernels take it), or the tensor at hand's when not calibrated
     fp8            E4M3 per token, float32 scale amax / 448
+    fp8_g128       E4M3 per token and group of 128 features (FP8_BLOCK's inputs, DeepSeek-V3's)
     int8           integers per token, symmetric, scale amax / 127
     q8_k / q8_0    llama.cpp's CPU kernels: before the integer dot product with a k-quant weight
                    the input is rounded to 8-bit integers per block of 256 (q8_K, float32 scale
@@ -51,6 +52,12 @@ def _nvfp4(x, gs=None):
 def _fp8(x, gs=None):
     s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
     return round_to_element(x / s, 8) * s
+
+
+def _fp8_groups(x, block):
+    g = to_groups(x, block)
+    s = g.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
+    return from_groups(round_to_element(g / s, 8) * s, x.shape[1])
 
 
 def _int8(x, gs=None):
@@ -97,6 +104,7 @@ ACTIVATIONS = {a.name: a for a in (
     Activation("mxfp8_rceil", 8, 32, "mx_rceil", lambda x, gs=None: _mx(x, 8, rceil=True)),
     Activation("nvfp4", 4, 16, "nv", _nvfp4, calibrated=True),
     Activation("fp8", 8, 0, "nv", _fp8),
+    Activation("fp8_g128", 8, 128, "nv", lambda x, gs=None: _fp8_groups(x, 128)),
     Activation("int8", 8, 0, "int", _int8),
     Activation("q8_k", 8, 256, "ggml", lambda x, gs=None: _ggml_q8(x, 256, False)),
     Activation("q8_0", 8, 32, "ggml", lambda x, gs=None: _ggml_q8(x, 32, True)),

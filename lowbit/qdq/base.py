@@ -31,6 +31,11 @@ class DataType:
         """Why this type cannot take these settings, or None when it can."""
         raise NotImplementedError
 
+    def pool_rows(self, x: torch.Tensor, group_size: int) -> torch.Tensor:
+        """x [out, n_groups, 1], a value per group (a search's error), summed over the groups that
+        share one scale, for each of them; a scale per group (most types): x itself."""
+        return x
+
     def fallback(self, in_features: int) -> str | None:
         """None when this type stores rows of in_features weights; else the name of the data type
         that stands in for it on such a layer (llama.cpp's block types need whole blocks)."""
