@@ -4,6 +4,7 @@ SignRound and its options, perplexity measured with the inputs quantized.
     python bench/float_types.py                                  # pycode-7m, every scheme and variant
     python bench/float_types.py --schemes MXFP4 --variants rtn,signround-drop
     python bench/float_types.py --models smollm2 --iters 50      # SmolLM2-135M (get_smollm2.py)
+    python bench/float_types.py --schemes MXFP4 --variants rtn --mixed 4.5 --mixed-algorithms rtn
     python bench/float_types.py --variants autoround --ar-python /work/arvenv/bin/python
 
 Mixed MXFP4/MXFP8 (--mixed 4.5): a plan at that average (scales counted: MXFP4 costs 4.25 bits a
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--mixed", type=float, default=None, help="add mixed MXFP4/MXFP8 plans at this average")
+    p.add_argument("--mixed-algorithms", default="rtn,signround", help="what quantizes the mixed plans")
     p.add_argument("--ar-python", default=None, help="the python of auto-round's venv (variant autoround)")
     p.add_argument("--table", action="store_true", help="print the table of every run in the results file")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
@@ -183,7 +185,7 @@ def main() -> None:
             # at 8 bits only round to nearest and plain SignRound
             jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround"))]
         if args.mixed:
-            jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in ("rtn", "signround")
+            jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in args.mixed_algorithms.split(",")
                      for how in ("deltaloss", "deltaloss_untied", "ends")]
     rows = []
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
