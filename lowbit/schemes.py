@@ -14,12 +14,12 @@ from lowbit.qdq.kquant import FORMATS as KQUANT_FORMATS
 # FP8_BLOCK tiles of 128 x 128), and the names of the FP8 types (MX and NV: MXFP4, NVFP4, ...).
 FLOAT_GROUPS = {"mxfp": 32, "nvfp": 16, "fp8": -1, "fp8_block": 128}
 FP8_NAMES = {"fp8": ("FP8", "fp8"), "fp8_block": ("FP8_BLOCK", "fp8_g128")}  # dtype: (name, its own inputs)
+RCEIL = "_rceil"  # MX inputs whose scale rounds up (qdq/act.py): a scheme name's "-rceil"
 
 
 def _float_names(dtype: str, bits: int) -> tuple[str, str]:
     """(the name, the activation type it implies) of a float weight type at `bits`."""
     return FP8_NAMES.get(dtype, (f"{dtype.upper()}{bits}", f"{dtype}{bits}"))
-RCEIL = "_rceil"  # MX inputs whose scale rounds up (qdq/act.py): a scheme name's "-rceil"
 
 
 @dataclass(frozen=True)
