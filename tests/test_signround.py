@@ -75,3 +75,21 @@ def test_fp8_block_rows_of_a_tile_share_one_scale_through_tuning():
     assert bucket.params(True) == [bucket.v]
     # the tile's range, from the layer's [out, n_groups, g]: rows 32-39 form the second tile
     assert torch.equal(bucket.range[1].view(40, 2)[32:], bucket.range[1].view(40, 2)[32:33].expand(8, 2))
+
+
+@pytest.mark.parametrize("scheme", ["W4A16PC", "FP8", "W8A8"])
+def test_per_channel_layers_of_different_widths(scheme):
+    """Per output channel a layer's group is its whole input width, which differs between a
+    block's layers (down_proj): SignRound tunes them in buckets of one width each, and the tuned
+    weights are the stored ones."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(1))
+    r = lowbit.quantize(model, scheme, lowbit.SignRound(iters=3, batch_size=4), ids, progress=False)
+    assert len(r.layers) == 7 and r.layers["model.layers.0.mlp.down_proj"].scale.shape == (64, 1)
+    for name, q in r.layers.items():
+        assert torch.equal(model.get_submodule(name).weight, q.dequantize(model.dtype)), name

@@ -205,8 +205,10 @@ class _Bucket:
 def _buckets(cfg: SignRound, layers: LayerMap, init_factors: dict) -> list[_Bucket]:
     by_key: dict = {}
     for name, (lin, s) in layers.items():
-        by_key.setdefault((s.dtype, s.group_size, s.sym), []).append((name, lin, s))
-    return [_Bucket(d, g, sym, items, init_factors, cfg.layer_lr) for (d, g, sym), items in by_key.items()]
+        # per channel (-1), a row's group is the layer's whole width: one bucket per width
+        width = lin.in_features if s.group_size == -1 else s.group_size
+        by_key.setdefault((s.dtype, s.group_size, s.sym, width), []).append((name, lin, s))
+    return [_Bucket(d, g, sym, items, init_factors, cfg.layer_lr) for (d, g, sym, _), items in by_key.items()]
 
 
 def _prescale(cfg: SignRound, layers: LayerMap, importance: dict | None) -> dict:
