@@ -145,10 +145,11 @@ def test_fp8_block_search_scores_whole_tiles():
 
     s = get_scheme("FP8_BLOCKG32A16")
     w = torch.randn(80, 96, generator=torch.Generator().manual_seed(6)) * 0.05
-    w[3, 5] = 2.0  # one outlier: shrinking its tile's range trades it for the tile's other weights
+    w[3, 5] = 2.0  # an outlier whose clipping would cost its tile more than any shift of the grid wins
     mn, mx = search_range_factors(w, s)
     assert torch.equal(mn, mx) and mx.shape == (80, 3)
     assert torch.equal(mx, mx[::32].repeat_interleave(32, dim=0)[:80])  # constant within each tile
+    assert mx[0, 0] == 1.0  # the outlier's tile keeps its whole range
     wg = to_groups(w, 32)
     tile_err = lambda f: s.data_type.pool_rows(((s.data_type.fake_quantize(  # noqa: E731
         wg, 8, True, min_scale=f, max_scale=f) - wg) ** 2).sum(-1, keepdim=True), 32)
