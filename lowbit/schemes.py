@@ -120,9 +120,9 @@ PRESETS = {
 PRESETS.update({k.upper(): PRESETS[f"GGUF:{k.upper()}"] for k in KQUANT_FORMATS})
 
 
-_ACTS = "-MXFP4|-MXFP8|-NVFP4|-FP8_G128|-FP8|-INT8"
-_INT = re.compile(rf"W(\d+)A(16|8)(?:G(\d+)|(PC))?({_ACTS.replace('|-INT8', '')})?(-ASYM)?")
-_FLOAT = re.compile(rf"(?:(MXFP|NVFP)(\d+)|FP8(_BLOCK)?)(?:G(\d+)|(PC))?(A16|{_ACTS})?")
+_FLOAT_INPUTS = "-MXFP4|-MXFP8|-NVFP4|-FP8_G128|-FP8"
+_INT = re.compile(rf"W(\d+)A(16|8)(?:G(\d+)|(PC))?({_FLOAT_INPUTS})?(-ASYM)?")
+_FLOAT = re.compile(rf"(?:(MXFP|NVFP)(\d+)|FP8(_BLOCK)?)(?:G(\d+)|(PC))?(A16|{_FLOAT_INPUTS}|-INT8)?")
 
 
 def _parse(key: str) -> Scheme | None:

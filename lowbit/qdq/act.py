@@ -49,12 +49,7 @@ def _nvfp4(x, gs=None):
     return from_groups(round_to_element(g / safe, 4) * s, x.shape[1])
 
 
-def _fp8(x, gs=None):
-    s = x.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
-    return round_to_element(x / s, 8) * s
-
-
-def _fp8_groups(x, block):
+def _fp8(x, block=-1):  # -1: a scale per token
     g = to_groups(x, block)
     s = g.abs().amax(-1, keepdim=True).clamp(min=TINY) / 448
     return from_groups(round_to_element(g / s, 8) * s, x.shape[1])
@@ -103,8 +98,8 @@ ACTIVATIONS = {a.name: a for a in (
     Activation("mxfp4_rceil", 4, 32, "mx_rceil", lambda x, gs=None: _mx(x, 4, rceil=True)),
     Activation("mxfp8_rceil", 8, 32, "mx_rceil", lambda x, gs=None: _mx(x, 8, rceil=True)),
     Activation("nvfp4", 4, 16, "nv", _nvfp4, calibrated=True),
-    Activation("fp8", 8, 0, "nv", _fp8),
-    Activation("fp8_g128", 8, 128, "nv", lambda x, gs=None: _fp8_groups(x, 128)),
+    Activation("fp8", 8, 0, "nv", lambda x, gs=None: _fp8(x)),
+    Activation("fp8_g128", 8, 128, "nv", lambda x, gs=None: _fp8(x, 128)),
     Activation("int8", 8, 0, "int", _int8),
     Activation("q8_k", 8, 256, "ggml", lambda x, gs=None: _ggml_q8(x, 256, False)),
     Activation("q8_0", 8, 32, "ggml", lambda x, gs=None: _ggml_q8(x, 32, True)),
