@@ -46,6 +46,7 @@ SHAPES = {
     "1B": (2048, 8192, 32, 8),
     "8B": (4096, 14336, 32, 8),
 }
+ITERS = 200  # the run whose defaults (compile or not) the tuning iteration takes
 SCHEMES = ["W4A16", "W2A16G64"]
 BATCH, SEQLEN = 8, 256
 
@@ -135,14 +136,15 @@ def plain_ms(block, x, kwargs, targets, amp, reps: int) -> tuple[float, float]:
 
 def tuning_ms(run, block, x, kwargs, targets, index, scheme: str, reps: int, **settings) -> tuple[tuple, str | None]:
     """One SignRound iteration as the tuning loop runs it (signround._Tuner: the quantize-dequantize
-    of every layer, forward, backward, the signed step), timed alone, after a warm-up (and compile)."""
+    of every layer, forward, backward, the signed step), timed alone, after a warm-up (and compile).
+    Its settings by default are those of a whole model's run at ITERS iterations."""
     from lowbit.algorithms import signround as sr
     from lowbit.algorithms.base import BlockData
     from lowbit.schemes import get_scheme
 
     s = get_scheme(scheme)
     layers = {n: (lin, s) for n, lin in run.block_layers[index].items()}
-    algo = lowbit.SignRound(iters=reps + 1, prescale=False, **settings)
+    algo = lowbit.SignRound(iters=max(reps + 1, ITERS), prescale=False, **settings)
     buckets = sr._buckets(algo, layers, {})
     params = [p for b in buckets for p in b.params(algo.tune_minmax)]
     tuner = sr._Tuner(algo, block, buckets, BlockData(x, kwargs, targets), x.dtype, 0, {})

@@ -36,6 +36,9 @@ SHAPES = {  # Llama-3.2-1B, Llama-3.2-3B, Llama-3-8B
 RTN = ["--algorithm", "rtn", "--scheme", "W4A16", "--format", "auto_round"]
 SIGNROUND = ["--scheme", "W4A16", "--format", "auto_round", "--iters", "2", "--nsamples", "16", "--seqlen", "256",
              "--dataset", os.path.join(PYCODE, "calib.txt")]
+# SignRound's tuning iterations at 1B width, the step compiled against eager, in float32 where bf16
+# is not fast (a whole 1B model's run is compiled by default; this short one is not): ms per iteration.
+SIGNROUND_I10 = [*SIGNROUND[:5], "10", *SIGNROUND[6:]]
 # name -> (checkpoint: shape or "smollm2", layers or None for all, quantize arguments, in memory)
 CASES = {
     "rtn-1B-memory": ("1B", None, RTN, True),
@@ -45,6 +48,8 @@ CASES = {
     "rtn-8B": ("8B", None, RTN, False),
     "signround-1B-2L": ("1B", 2, SIGNROUND, False),
     "signround-1B": ("1B", None, SIGNROUND, False),
+    "signround-1B-2L-i10-compiled": ("1B", 2, [*SIGNROUND_I10, "--compile"], False),
+    "signround-1B-2L-i10-eager": ("1B", 2, [*SIGNROUND_I10, "--no-compile"], False),
     "rtn-smollm2": ("smollm2", None, RTN, False),
     "signround-smollm2": ("smollm2", None, SIGNROUND, False),
 }
@@ -209,6 +214,11 @@ def run_case(name: str, work: str) -> dict:
          "output_gb": round(_tree_size(out) / 1e9, 3)}
     if rc != 0:
         r["stderr"] = stderr[-2000:]
+    elif not in_memory and "rtn" not in args:  # SignRound: how long its iterations took, and compiled or not
+        with open(os.path.join(out, "quantization.json")) as f:
+            blocks = json.load(f)["blocks"]
+        r |= {"ms_per_iter": [round(b["seconds_per_iter"] * 1e3) for b in blocks],
+              "compiled": [b["compiled"] for b in blocks]}
     shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(r), file=sys.stderr)
     return r

@@ -8,7 +8,7 @@ import torch
 
 import lowbit
 from lowbit.algorithms import signround
-from lowbit.algorithms.signround import COMPILE_MIN_WORK, SignRound, _compile_mode
+from lowbit.algorithms.signround import COMPILE_MIN_WORK, FP32_COMPILE_MIN_WEIGHTS, SignRound, _compile_mode
 from lowbit.calib import make_windows, tokenize
 from lowbit.model import load_model
 
@@ -16,15 +16,18 @@ from conftest import STORIES
 
 
 def test_compile_mode():
-    cpu, cuda, bf = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
-    assert _compile_mode(SignRound(), cpu, bf, COMPILE_MIN_WORK, {}) == "step"
-    assert _compile_mode(SignRound(), cpu, bf, COMPILE_MIN_WORK / 2, {}) is None  # small: eager is faster
-    assert _compile_mode(SignRound(), cpu, None, 100 * COMPILE_MIN_WORK, {}) is None  # no bf16 autocast: unmeasured
-    assert _compile_mode(SignRound(), cuda, bf, 0, {}) == "qdq"
-    assert _compile_mode(SignRound(compile=True), cpu, None, 0, {}) == "step"
-    assert _compile_mode(SignRound(compile=False), cpu, bf, 100 * COMPILE_MIN_WORK, {}) is None
+    cpu, cuda, bf, w = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, 10**6
+    assert _compile_mode(SignRound(), cpu, bf, COMPILE_MIN_WORK, w, {}) == "step"
+    assert _compile_mode(SignRound(), cpu, bf, COMPILE_MIN_WORK / 2, w, {}) is None  # small: eager is faster
+    # float32: only blocks with many weights, where the eager quantize-dequantize is slow
+    assert _compile_mode(SignRound(), cpu, None, 100 * COMPILE_MIN_WORK, w, {}) is None
+    assert _compile_mode(SignRound(), cpu, None, COMPILE_MIN_WORK, FP32_COMPILE_MIN_WEIGHTS, {}) == "step"
+    assert _compile_mode(SignRound(), cpu, None, COMPILE_MIN_WORK / 2, FP32_COMPILE_MIN_WEIGHTS, {}) is None
+    assert _compile_mode(SignRound(), cuda, bf, 0, w, {}) == "qdq"
+    assert _compile_mode(SignRound(compile=True), cpu, None, 0, w, {}) == "step"
+    assert _compile_mode(SignRound(compile=False), cpu, bf, 100 * COMPILE_MIN_WORK, w, {}) is None
     # a failure earlier in the same run; a new run (a new dict) tries again
-    assert _compile_mode(SignRound(compile=True), cpu, bf, 0, {"compile_failed": "earlier failure"}) is None
+    assert _compile_mode(SignRound(compile=True), cpu, bf, 0, w, {"compile_failed": "earlier failure"}) is None
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,9 @@ def windows(stories_text):
     return make_windows(tokenize(tok, stories_text[0]), 16, 128, seed=0)
 
 
-def run(windows, **algo):
+def run(windows, amp=True, **algo):
     model, _ = load_model(STORIES)
-    r = lowbit.quantize(model, "W4A16G32", SignRound(iters=12, batch_size=4, amp=True, **algo), windows, seed=1,
+    r = lowbit.quantize(model, "W4A16G32", SignRound(iters=12, batch_size=4, amp=amp, **algo), windows, seed=1,
                         progress=False)
     return r
 
@@ -46,10 +49,11 @@ def same_codes(a, b) -> bool:
 
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile needs a C++ compiler")
-def test_compiled_step_tunes_like_eager(windows):
-    eager = run(windows, compile=False)
-    compiled = run(windows, compile=True)
-    again = run(windows, compile=True)
+@pytest.mark.parametrize("amp", [True, False], ids=["bf16", "fp32"])
+def test_compiled_step_tunes_like_eager(windows, amp):
+    eager = run(windows, amp, compile=False)
+    compiled = run(windows, amp, compile=True)
+    again = run(windows, amp, compile=True)
     assert [b["compiled"] for b in compiled.report["blocks"]] == ["step"] * 5
     assert [b["compiled"] for b in eager.report["blocks"]] == [None] * 5
     assert same_codes(compiled.layers, again.layers)  # deterministic

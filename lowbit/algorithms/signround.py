@@ -51,9 +51,9 @@ class SignRound:
     # mostly picks an easy minibatch (BENCHMARKS.md).
     keep: str = "last"
     # torch.compile the tuning step (quantize-dequantize, the block's forward and backward, the
-    # loss) into fused kernels. None: on a CPU under bf16 autocast when a block's tuning work
-    # (iters x tokens per step x weights) reaches COMPILE_MIN_WORK, where a compile with a warm cache
-    # costs less than it saves; on CUDA only the quantize-dequantize is compiled, as measured there
+    # loss) into fused kernels. None: on a CPU where its compile costs less than it saves (a block's
+    # work from COMPILE_MIN_WORK, and in float32 its weights from FP32_COMPILE_MIN_WEIGHTS too); on
+    # CUDA only the quantize-dequantize is compiled, as measured there
     # (bench/gpu.py). Off, eager, with the data type's fast fake-quantize. If compiling fails (no
     # C++ compiler), tuning goes on eager for the rest of the run, with a warning.
     compile: bool | None = None
@@ -110,8 +110,9 @@ class SignRound:
         per_bits = lambda f: f(bits[0]) if len(bits) == 1 else {f"{b}-bit": f(b) for b in bits}  # noqa: E731
         amp = self.tuning_dtype(device) is not None
         compile_ = ("off" if self.compile is False else "on" if self.compile
-                    else "per block (the step where a block's work is large enough)" if device.type == "cpu" and amp
-                    else "quantize-dequantize" if device.type == "cuda" else "off")
+                    else "quantize-dequantize" if device.type == "cuda"
+                    else "the step, where a block's work is large enough" if amp
+                    else "the step, where a block's weights and work are large enough")
         return {"iters": self.iters, "lr": per_bits(lambda b: round(self.layer_lr(b), 6)), "batch_size": self.batch_size,
                 "tune_minmax": self.tune_minmax, "minmax_max": self.minmax_max,
                 "prescale": per_bits(self.uses_prescale), "bf16": amp, "compile": compile_, "keep": self.keep,
@@ -284,21 +285,28 @@ def _compiled_step():
 
 
 # A block's tuning work (iterations x tokens per step x its tuned weights) from which the whole
-# step is compiled by default on a CPU: from there a compile with a warm cache (torch's
-# /tmp/torchinductor_$USER) costs less than the time it saves (BENCHMARKS.md). pycode-7m at 200
-# iterations is over it, at 50 under; any real LLM is far over.
+# step is compiled by default on a CPU under bf16 autocast: from there a compile with a warm cache
+# (torch's /tmp/torchinductor_$USER) costs less than the time it saves (BENCHMARKS.md). pycode-7m
+# at 200 iterations is over it, at 50 under; any real LLM is far over.
 COMPILE_MIN_WORK = 1.5e11
+# In float32 (CPUs without fast bf16) the compiled step saves little where a block is small (end
+# to end even: pycode-7m at 200 iterations, SmolLM2-135M's 3.5 M weights a block at 50) and a third
+# of each iteration at a 1B model's 61 M (the eager quantize-dequantize's passes over tensors that
+# size): from this many tuned weights a block (BENCHMARKS.md).
+FP32_COMPILE_MIN_WEIGHTS = 2e7
 
 
-def _compile_mode(cfg: SignRound, device: torch.device, amp, work: float, run: dict) -> str | None:
-    """'step' (the whole tuning step compiled), 'qdq' (the quantize-dequantize only) or None."""
+def _compile_mode(cfg: SignRound, device: torch.device, amp, work: float, weights: int, run: dict) -> str | None:
+    """'step' (the whole tuning step compiled), 'qdq' (the quantize-dequantize only) or None.
+    work: the block's (iters x tokens per step x weights); weights: its tuned weights."""
     if cfg.compile is False or run.get("compile_failed"):
         return None
     if cfg.compile:
         return "step"
     if device.type == "cuda":
         return "qdq"
-    return "step" if amp is not None and work >= COMPILE_MIN_WORK else None
+    big = work >= COMPILE_MIN_WORK and (amp is not None or weights >= FP32_COMPILE_MIN_WEIGHTS)
+    return "step" if big else None
 
 
 class _Tuner:
@@ -316,8 +324,8 @@ class _Tuner:
         self.inputs = data.inputs.to(dtype)
         self.batches = _batches(len(self.inputs), cfg.batch_size, torch.Generator().manual_seed(seed))
         tokens = min(cfg.batch_size, len(self.inputs)) * self.inputs[0].numel() // self.inputs.shape[-1]
-        work = cfg.iters * tokens * sum(b.w.numel() for b in buckets)
-        self.set_mode(_compile_mode(cfg, self.device, self.amp, work, run))
+        weights = sum(b.w.numel() for b in buckets)
+        self.set_mode(_compile_mode(cfg, self.device, self.amp, cfg.iters * tokens * weights, weights, run))
 
     def set_mode(self, mode: str | None) -> None:
         self.mode = mode
