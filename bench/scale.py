@@ -37,7 +37,7 @@ RTN = ["--algorithm", "rtn", "--scheme", "W4A16", "--format", "auto_round"]
 SIGNROUND = ["--scheme", "W4A16", "--format", "auto_round", "--iters", "2", "--nsamples", "16", "--seqlen", "256",
              "--dataset", os.path.join(PYCODE, "calib.txt")]
 # SignRound's tuning iterations at 1B width, the step compiled against eager, in float32 where bf16
-# is not fast (a whole 1B model's run is compiled by default; this short one is not): ms per iteration.
+# is not fast (where a 1B block is compiled by default; both forced here): ms per iteration.
 SIGNROUND_I10 = [*SIGNROUND[:5], "10", *SIGNROUND[6:]]
 # name -> (checkpoint: shape or "smollm2", layers or None for all, quantize arguments, in memory)
 CASES = {
