@@ -162,10 +162,15 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--mixed", type=float, default=None, help="add mixed MXFP4/MXFP8 plans at this average")
     p.add_argument("--mixed-algorithms", default="rtn,signround", help="what quantizes the mixed plans")
+    p.add_argument("--mixed-plans", default="deltaloss,deltaloss_untied,ends",
+                   help="which mixed plans: deltaloss (q/k/v, gate/up tied), deltaloss_untied, ends")
     p.add_argument("--ar-python", default=None, help="the python of auto-round's venv (variant autoround)")
     p.add_argument("--table", action="store_true", help="print the table of every run in the results file")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = set(args.mixed_plans.split(",")) - {"deltaloss", "deltaloss_untied", "ends"}
+    if unknown:
+        p.error(f"unknown mixed plan(s): {', '.join(sorted(unknown))}")
     if args.one:
         m, s, v = args.one
         print(json.dumps(run(m, None if s == "fp32" else s, v, args.iters)))
@@ -186,7 +191,7 @@ def main() -> None:
             jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround"))]
         if args.mixed:
             jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in args.mixed_algorithms.split(",")
-                     for how in ("deltaloss", "deltaloss_untied", "ends")]
+                     for how in args.mixed_plans.split(",")]
     rows = []
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     for m, s, v in jobs:  # one process each: its own memory, nothing carried between runs
