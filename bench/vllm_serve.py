@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,17 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "..", "..", "shared", "assets")
 PYCODE = os.path.join(ASSETS, "models", "pycode-7m")
 WORK = os.path.join(HERE, "work", "vllm_serve")
-
-
-def cpu_kind() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    return f"{name}, {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}"
+sys.path.insert(0, HERE)
+from scale import cpu_kind  # noqa: E402
 
 
 def prompts(tok_dir: str, n: int, length: int) -> list[list[int]]:
