@@ -11,8 +11,9 @@ Mixed MXFP4/MXFP8 (--mixed 4.5): a plan at that average (scales counted: MXFP4 c
 weight, MXFP8 8.25) from DeltaLoss with its input term on 16 of the calibration windows, solved
 exactly (dp), against the heuristic "8 bits at the first and last blocks" at the same budget (the
 same solver with a score that only says those blocks matter); each quantized by RTN and SignRound.
-"deltaloss" ties q/k/v and gate/up to one scheme (what fused kernels load), "deltaloss_untied" not.
-Their "recovered" is against pure MXFP4 by the same algorithm.
+"deltaloss" ties q/k/v and gate/up to one scheme (what fused kernels load), "deltaloss_untied" not,
+"deltaloss_untied_tuned" scores each option on the weights of a 50-iteration SignRound instead of
+rounded ones (`--mixed-plans` picks which). "recovered" is against pure MXFP4 by the same algorithm.
 
 autoround: Intel's auto-round (its own venv, bench/README.md) on the same windows, fp32 tuning,
 compile off, its scheme of the same name; its quantized model (its own input quantizers) is
@@ -114,9 +115,10 @@ def mixed_plan(model, options: str, target: float, windows, allocation: str) -> 
     from lowbit.allocate.plan import block_layers, make_plan
     from lowbit.model import find_blocks
 
-    if allocation.startswith("deltaloss"):  # deltaloss: q/k/v and gate/up tied (fused kernels); _untied: not
+    if allocation.startswith("deltaloss"):  # deltaloss: q/k/v and gate/up tied (fused kernels); _untied: not;
+        # _tuned: each option scored on the weights of a 50-iteration SignRound, not on rounded ones
         return make_plan(model, options, target, windows, metric="deltaloss", solver="dp",
-                         tie=allocation != "deltaloss_untied")
+                         tie="_untied" not in allocation, tune_iters=50 if allocation.endswith("_tuned") else 0)
     blocks_name, blocks = find_blocks(model)
     ends = (f"{blocks_name}.0.", f"{blocks_name}.{len(blocks) - 1}.")
     low, high = options.split(",")
@@ -163,12 +165,13 @@ def main() -> None:
     p.add_argument("--mixed", type=float, default=None, help="add mixed MXFP4/MXFP8 plans at this average")
     p.add_argument("--mixed-algorithms", default="rtn,signround", help="what quantizes the mixed plans")
     p.add_argument("--mixed-plans", default="deltaloss,deltaloss_untied,ends",
-                   help="which mixed plans: deltaloss (q/k/v, gate/up tied), deltaloss_untied, ends")
+                   help="which mixed plans: deltaloss (q/k/v, gate/up tied), deltaloss_untied, "
+                        "deltaloss_untied_tuned (options scored after 50 SignRound iterations), ends")
     p.add_argument("--ar-python", default=None, help="the python of auto-round's venv (variant autoround)")
     p.add_argument("--table", action="store_true", help="print the table of every run in the results file")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    unknown = set(args.mixed_plans.split(",")) - {"deltaloss", "deltaloss_untied", "ends"}
+    unknown = set(args.mixed_plans.split(",")) - {"deltaloss", "deltaloss_untied", "deltaloss_untied_tuned", "ends"}
     if unknown:
         p.error(f"unknown mixed plan(s): {', '.join(sorted(unknown))}")
     if args.one:
