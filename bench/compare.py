@@ -8,9 +8,13 @@ Needs a separate venv with auto-round (see bench/README.md); this script install
     /work/arvenv/bin/python bench/compare.py --only stories260K-W2G32-i200 pycode-7m-W4G128-i200
     /work/arvenv/bin/python bench/compare.py --only W2G32 --tools autoround lowbit
     /work/arvenv/bin/python bench/compare.py --only W4G128-i200 --seeds 0 1 2   # spread over seeds
+    /work/arvenv/bin/python bench/compare.py --only smollm2-W4G128 --light-vs-default   # ~1 h
 
 Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 ("default"
-preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. At 50 iterations
+preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. SmolLM2-135M W4G128
+and W2G64 (W4A16 and W2A16G64) only when `--only` names them: its calibration text is c4_validation_2k,
+its evaluation 40 windows of wikitext2 test (as bench/float_types.py), and each auto-round run of it
+takes most of an hour on 2 cores. At 50 iterations
 auto-round runs its light recipe's learning rate (5e-3, read from auto_round.cli.main.RECIPES), as
 `auto-round --light` would; lowbit its own defaults (SignRound.layer_lr). Tools per setting:
 
@@ -49,12 +53,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from core import ASSETS, MODELS, SEQLEN, text_slice  # noqa: E402  (same models, text and windows as core.py)
+from core import SEQLEN  # noqa: E402
+from float_types import model_setup  # noqa: E402  (core.py's models, text and windows, and SmolLM2's)
 
 BATCH = 8
 SEED = 0
-# (model, bits); group size from MODELS
-SCHEMES = [("stories260K", 4), ("stories260K", 2), ("pycode-7m", 4), ("pycode-7m", 3), ("pycode-7m", 2)]
+# (model, bits, group size)
+SCHEMES = [("stories260K", 4, 32), ("stories260K", 2, 32), ("pycode-7m", 4, 128), ("pycode-7m", 3, 128),
+           ("pycode-7m", 2, 128)]
+ON_REQUEST = [("smollm2", 4, 128), ("smollm2", 2, 64)]  # run only when --only names them
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
 ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-lr1", "lowbit-lrcap"]
@@ -66,8 +73,8 @@ def iters_of_presets() -> list[int]:
     return [PRESETS["default"][0]["iters"], PRESETS["light"][0]["iters"]]  # 200, 50
 
 
-def setting_name(model: str, bits: int, iters: int) -> str:
-    return f"{model}-W{bits}G{MODELS[model][1]}-i{iters}"
+def setting_name(model: str, bits: int, group: int, iters: int) -> str:
+    return f"{model}-W{bits}G{group}-i{iters}"
 
 
 def ar_skips(shape) -> bool:
@@ -91,7 +98,8 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, windows_file: str, seed: int) -> dict:
+def run_one(tool: str, model_name: str, bits: int, group: int, iters: int, nsamples: int, windows_file: str,
+            seed: int) -> dict:
     t_start = time.perf_counter()
     import torch
 
@@ -100,10 +108,10 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
     from lowbit.model import load_model, weight_params
 
     torch.manual_seed(seed)
-    folder, group, _, evaluation, eval_windows = MODELS[model_name]
-    model, tok = load_model(os.path.join(ASSETS, folder))
+    folder, _, evaluation, eval_windows = model_setup(model_name)
+    model, tok = load_model(folder)
     before = {n: p.detach().clone() for n, p in weight_params(model).items()}
-    row = {"setting": setting_name(model_name, bits, iters) if tool != "fp32" else f"{model_name}-fp32",
+    row = {"setting": setting_name(model_name, bits, group, iters) if tool != "fp32" else f"{model_name}-fp32",
            "model": model_name, "tool": tool, "bits": bits, "group_size": group, "sym": True,
            "iters": iters, "nsamples": nsamples, "seqlen": SEQLEN, "batch_size": BATCH, "seed": seed,
            "threads": torch.get_num_threads()}
@@ -121,7 +129,7 @@ def run_one(tool: str, model_name: str, bits: int, iters: int, nsamples: int, wi
     changed = {n for n, w in before.items() if not torch.equal(w, weight_params(model)[n].detach().float())}
     row["unquantized"] = sorted(set(before) - changed)
     model.float()
-    ev = perplexity(model, tokens=tokenize(tok, text_slice(evaluation)), seqlen=SEQLEN, max_windows=eval_windows)
+    ev = perplexity(model, tokens=tokenize(tok, evaluation), seqlen=SEQLEN, max_windows=eval_windows)
     row.update(ppl=ev["ppl"], eval_windows=ev["windows"], quant_s=quant_s,
                total_s=time.perf_counter() - t_start, peak_rss_mb=rss_mb())
     return row
@@ -260,6 +268,9 @@ def main():
                    help="run only settings whose name (e.g. stories260K-W2G32-i200) contains one of these")
     p.add_argument("--tools", nargs="+", default=TOOLS, choices=ALL_TOOLS)
     p.add_argument("--no-fp", action="store_true", help="skip the fp32 rows")
+    p.add_argument("--light-vs-default", action="store_true",
+                   help="per setting (its -iN ignored) only auto-round's default run (its CPU defaults, the default "
+                        "preset's iterations) and lowbit's light preset, and the ratio of their times")
     p.add_argument("--seeds", nargs="+", type=int, default=[SEED],
                    help="tuning seeds (minibatch order; the windows stay the same): each run once per seed, "
                         "and a summary of the spread")
@@ -267,7 +278,7 @@ def main():
     p.add_argument("--summary", nargs="*", metavar="RUN_ID",
                    help="print the summary table (means over seeds, time ratios per run) of runs already in "
                         "OUT.jsonl, pooled (default: the latest run) and exit")
-    p.add_argument("--one", nargs=7, metavar=("TOOL", "MODEL", "BITS", "ITERS", "NSAMPLES", "WINDOWS", "SEED"),
+    p.add_argument("--one", nargs=8, metavar=("TOOL", "MODEL", "BITS", "GROUP", "ITERS", "NSAMPLES", "WINDOWS", "SEED"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.summary is not None:
@@ -283,8 +294,8 @@ def main():
         print(summary(rows))
         return
     if args.one:
-        tool, m, b, it, ns, wf, seed = args.one
-        print(json.dumps(run_one(tool, m, int(b), int(it), int(ns), wf, int(seed))))
+        tool, m, b, g, it, ns, wf, seed = args.one
+        print(json.dumps(run_one(tool, m, int(b), int(g), int(it), int(ns), wf, int(seed))))
         return
 
     try:
@@ -299,9 +310,12 @@ def main():
 
     iters_list = [5] if args.quick else iters_of_presets()
     nsamples = 16 if args.quick else 128
-    settings = [(m, b, it) for m, b in SCHEMES for it in iters_list]
+    settings = [(m, b, g, it) for m, b, g in SCHEMES + (ON_REQUEST if args.only else []) for it in iters_list]
+    if args.light_vs_default:  # one entry per scheme; the iterations go with the tool below
+        settings = [(m, b, g, 0) for m, b, g in dict.fromkeys(s[:3] for s in settings)]
+        args.tools = ["autoround-default", "lowbit"]
     if args.only:
-        settings = [s for s in settings if any(o in setting_name(*s) for o in args.only)]
+        settings = [s for s in settings if any(o in setting_name(*s).removesuffix("-i0") for o in args.only)]
     if not settings:
         sys.exit("no setting matches --only")
     versions = {"auto_round": auto_round.__version__, "transformers": transformers.__version__,
@@ -311,28 +325,30 @@ def main():
     tmp = tempfile.mkdtemp(prefix="lowbit-compare-")
     windows_files = {}
     for m in dict.fromkeys(s[0] for s in settings):  # the windows, once per model
-        folder, _, calib, _, _ = MODELS[m]
-        _, tok = load_model(os.path.join(ASSETS, folder))
-        w = calibration_windows(tok, make_windows(tokenize(tok, text_slice(calib)), nsamples, SEQLEN, seed=SEED),
+        folder, calib, _, _ = model_setup(m)
+        _, tok = load_model(folder)
+        w = calibration_windows(tok, make_windows(tokenize(tok, calib), nsamples, SEQLEN, seed=SEED),
                                 nsamples, SEQLEN, SEED)
         windows_files[m] = os.path.join(tmp, f"{m}.pt")
         torch.save(w, windows_files[m])
 
-    runs = [] if args.no_fp else [("fp32", m, 0, 0, SEED) for m in windows_files]
-    for m, b, it in settings:
+    runs = [] if args.no_fp else [("fp32", m, 0, 0, 0, SEED) for m in windows_files]
+    for m, b, g, it in settings:
         for seed in args.seeds:
             for tool in args.tools:
                 if tool == "lowbit-noprescale" and b > 3:
                     continue  # lowbit's default is already prescale off above 3 bits
                 if tool == "lowbit-arlayers" and not _ar_differs(m):
                     continue
-                runs.append((tool, m, b, it, seed))
+                if args.light_vs_default:
+                    it = iters_list[0 if tool == "autoround-default" else -1]
+                runs.append((tool, m, b, g, it, seed))
 
     run_id = time.strftime("%Y-%m-%dT%H:%M:%S")
     rows = []
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    for tool, m, b, it, seed in runs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, m, str(b), str(it), str(nsamples),
+    for tool, m, b, g, it, seed in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", tool, m, str(b), str(g), str(it), str(nsamples),
                windows_files[m], str(seed)]
         env = dict(os.environ, TQDM_DISABLE="1")
         t0 = time.perf_counter()
@@ -357,6 +373,8 @@ def main():
             hashes.setdefault(r["model"], set()).add(r["windows_sha256"])
     assert all(len(h) == 1 for h in hashes.values()), "runs of one model saw different windows"
     table = markdown(rows, versions, nsamples, args.quick)
+    if args.light_vs_default:
+        table += light_vs_default(rows)
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)
@@ -365,8 +383,8 @@ def main():
 def _ar_differs(model_name: str) -> bool:
     import json as _json
 
-    folder = MODELS[model_name][0]
-    with open(os.path.join(ASSETS, folder, "config.json")) as f:
+    folder = model_setup(model_name)[0]
+    with open(os.path.join(folder, "config.json")) as f:
         c = _json.load(f)
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     dims = [c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * hd, c["num_attention_heads"] * hd]
@@ -429,6 +447,20 @@ def markdown(rows, versions, nsamples, quick) -> str:
             ppl = [r["ppl"] for r in rs]
             lines.append(f"| {setting} | {tool} | {len(rs)} | {sum(ppl) / len(ppl):.3f} | {min(ppl):.3f}-{max(ppl):.3f} | "
                          f"{sum(r['quant_s'] for r in rs) / len(rs):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def light_vs_default(rows) -> str:
+    """lowbit light against auto-round's default, per scheme and seed: perplexity and time."""
+    ar = {(r["model"], r["bits"], r["group_size"], r["seed"]): r for r in rows if r["tool"] == "autoround-default"}
+    lines = ["", "| scheme | seed | auto-round default: iters, ppl, quant s | lowbit light: iters, ppl, quant s "
+                 "| time ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        a = ar.get((r["model"], r["bits"], r["group_size"], r["seed"]))
+        if r["tool"] == "lowbit" and a:
+            lines.append(f"| {r['model']}-W{r['bits']}G{r['group_size']} | {r['seed']} | {a['iters']}, {a['ppl']:.4f}, "
+                         f"{a['quant_s']:.1f} | {r['iters']}, {r['ppl']:.4f}, {r['quant_s']:.1f} | "
+                         f"{r['quant_s'] / a['quant_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -51,6 +51,7 @@ VARIANTS = {
     "signround-drop-prescale": {"drop": 0.001, "prescale": True},
     "signround-lr0.01": {"lr": 0.01},
     "signround-fixedrange": {"tune_minmax": False},
+    "signround-blocktarget": {"target": "block"},  # the block's own error only (SignRound.target)
     "autoround": "autoround",
 }
 
@@ -191,7 +192,7 @@ def main() -> None:
         jobs.append((m, "fp32", "-"))
         for s in filter(None, args.schemes.split(",")):
             # at 8 bits only round to nearest and plain SignRound
-            jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround"))]
+            jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround", "signround-blocktarget"))]
         if args.mixed:
             jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in args.mixed_algorithms.split(",")
                      for how in args.mixed_plans.split(",")]

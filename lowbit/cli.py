@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto-round's rule)")
     q.add_argument("--drop", type=float, default=None,
                    help="leave this share of the largest output errors out of SignRound's loss (e.g. 0.001)")
+    q.add_argument("--block-target", dest="target", choices=["model", "block"], default=None,
+                   help="what SignRound tunes each block to reproduce: the float model's outputs there (model, "
+                        "default) or the float block's on the quantized model's inputs (block)")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
     q.add_argument("--seed", type=int, default=0)
@@ -168,7 +171,7 @@ def cmd_quantize(args) -> None:
     algo_preset, pipe_preset = PRESETS[args.preset]
     settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale,
                 "amp": args.bf16, "compile": args.compile, "keep": args.keep,
-                "drop": args.drop}
+                "drop": args.drop, "target": args.target}
     if args.algorithm.lower() == "signround":
         settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
     algo = lowbit.get_algorithm(args.algorithm, **settings)

@@ -278,7 +278,8 @@ def quantize_block(run: Run, i: int) -> tuple[dict[str, QuantizedWeight], dict]:
         wanted |= {"input_amax"} if calibrated else set()
         collectors = {name: COLLECTORS[name](run.block_layers[i]) for name in sorted(wanted)}
         with attention_context(run.fwd_dtype, device, block):
-            targets = run_block(block, run.fp_in, run.kwargs[i], batch, run.fwd_dtype)
+            source = run.q_in if algo.target == "block" else run.fp_in
+            targets = run_block(block, source, run.kwargs[i], batch, run.fwd_dtype)
         data = BlockData(run.q_in, run.kwargs[i], targets, {n: c.remove() for n, c in collectors.items()})
         # input scales from the full-precision inputs, as a deployed model's are calibrated
         amax = data.stats.get("input_amax", {})
@@ -343,8 +344,8 @@ def _settle(run: Run, i: int, layers, result, targets) -> tuple[dict[str, Quanti
             weights, stats["loss_calib"] = result.start, stats["loss_start"]
             _write(layers, weights)
             outputs = None if last else run_block(block, x, kwargs, batch, dtype)
-    if not last:
-        run.q_in, run.fp_in = outputs, targets
+    if not last:  # with target "block" the float model's path is not needed: fp_in is q_in
+        run.q_in, run.fp_in = outputs, outputs if run.algo.target == "block" else targets
     return weights, stats
 
 

@@ -170,3 +170,36 @@ def test_block_never_ends_worse_than_its_start(data):
     for b in bad["blocks"] + good["blocks"]:
         assert b["loss_calib"] <= b["loss_start"]
         assert b["kept_start"] == (b["index"] in bad["blocks_kept_start"] and b in bad["blocks"])
+
+
+def test_target_model_or_block(data):
+    """target="model": each block is tuned toward the float model's outputs at that block (float
+    block on float inputs); target="block": toward the float block on the quantized model's inputs,
+    its own error only. Checked at block 1, whose inputs differ once block 0 is quantized."""
+    from lowbit.algorithms import SignRound
+
+    windows = data[0][:16]
+    reference, _ = load_model(STORIES)
+    _, ref_blocks = find_blocks(reference)
+    fp_x, kwargs = capture_block_inputs(reference, ref_blocks, windows, torch.device("cpu"))
+    with torch.no_grad():
+        fp_in1 = run_block(ref_blocks[0], fp_x, kwargs[0], 8)
+    seen = {}
+
+    class Spy(SignRound):
+        def quantize_block(self, block, layers, data, seed=0, run=None):
+            seen.setdefault(self.target, []).append((data.inputs.clone(), data.targets.clone()))
+            return super().quantize_block(block, layers, data, seed, run)
+
+    for target in ("model", "block"):
+        model, _ = load_model(STORIES)
+        lowbit.quantize(model, "W2A16G32", Spy(iters=2, target=target), windows, progress=False)
+    with torch.no_grad():
+        (q_in_m, t_m), (q_in_b, t_b) = seen["model"][1], seen["block"][1]
+        assert torch.equal(q_in_m, q_in_b)  # block 0 tuned the same way in both runs
+        assert not torch.allclose(q_in_m, fp_in1, atol=1e-3)
+        torch.testing.assert_close(t_m, run_block(ref_blocks[1], fp_in1, kwargs[1], 8))
+        torch.testing.assert_close(t_b, run_block(ref_blocks[1], q_in_b, kwargs[1], 8))
+    assert not torch.allclose(t_m, t_b, atol=1e-3)
+    with pytest.raises(lowbit.LowbitError, match="target"):
+        SignRound(target="float")

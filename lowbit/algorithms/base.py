@@ -19,9 +19,9 @@ from lowbit.schemes import Scheme
 @dataclass
 class BlockData:
     """Calibration data for one block: its inputs (outputs of the blocks already quantized),
-    the keyword arguments it is called with, and the full-precision block's outputs on
-    full-precision inputs (the targets); and the statistics of the inputs of its Linear layers
-    that the algorithm asked for ({statistic name: {layer name: tensor}}, see stats.py)."""
+    the keyword arguments it is called with, and the full-precision block's outputs (the targets:
+    on full-precision inputs, or on these inputs where the algorithm's target is "block"); and
+    the statistics of the inputs of its Linear layers that the algorithm asked for ({statistic name: {layer name: tensor}}, see stats.py)."""
 
     inputs: torch.Tensor  # [n, seqlen, hidden]
     kwargs: dict
@@ -46,6 +46,9 @@ LayerMap = dict[str, tuple[nn.Linear, Scheme]]
 class Algorithm(Protocol):
     name: ClassVar[str]
     needs_data: ClassVar[bool]  # calibration data: targets and inputs per block
+    # The targets: "block", the float block's outputs on the quantized model's inputs
+    # (BlockData.inputs); else ("model", None) on the float model's inputs.
+    target: str | None
 
     @property
     def block_batch_size(self) -> int:

@@ -22,6 +22,7 @@ class RTN:
     name: ClassVar[str] = "rtn"
     needs_data: ClassVar[bool] = False
     block_batch_size: ClassVar[int] = 8
+    target: ClassVar[str] = "model"
 
     def searches(self, scheme) -> bool:
         if self.search is not None:

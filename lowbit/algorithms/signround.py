@@ -66,6 +66,12 @@ class SignRound:
     # with 4-bit inputs, 0.001): a few outlier elements, which no rounding fixes, otherwise steer
     # every sign step. 0: the plain mean.
     drop: float = 0.0
+    # What the block's outputs are tuned to match: "model", the full-precision model's outputs at
+    # this block (its float outputs on float inputs), so a block also learns to undo the error it
+    # inherits through the residual stream; or "block", the float block's outputs on the same
+    # (quantized) inputs, the block's own error only, as GPTQ measures it. None: "model" (better on
+    # every model and scheme measured, BENCHMARKS.md).
+    target: str | None = None
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -79,6 +85,8 @@ class SignRound:
             raise LowbitError(f"lr must be positive, got {self.lr}")
         if self.keep not in ("last", "best"):
             raise LowbitError(f"keep must be 'last' or 'best', got {self.keep!r}")
+        if self.target not in (None, "model", "block"):
+            raise LowbitError(f"target must be 'model' or 'block', got {self.target!r}")
         if not 0 <= self.drop < 0.5:
             raise LowbitError(f"drop must be in [0, 0.5), got {self.drop}")
 
@@ -116,7 +124,7 @@ class SignRound:
         return {"iters": self.iters, "lr": per_bits(lambda b: round(self.layer_lr(b), 6)), "batch_size": self.batch_size,
                 "tune_minmax": self.tune_minmax, "minmax_max": self.minmax_max,
                 "prescale": per_bits(self.uses_prescale), "bf16": amp, "compile": compile_, "keep": self.keep,
-                "drop": self.drop}
+                "drop": self.drop, "target": self.target or "model"}
 
     def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 where the block runs under autocast to it while tuned (see `amp`), else None.
