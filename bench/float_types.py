@@ -192,7 +192,7 @@ def main() -> None:
         jobs.append((m, "fp32", "-"))
         for s in filter(None, args.schemes.split(",")):
             # at 8 bits only round to nearest and plain SignRound
-            jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround", "signround-blocktarget"))]
+            jobs += [(m, s, v) for v in filter(None, args.variants.split(",")) if not (s.endswith("8") and v not in ("rtn", "signround"))]
         if args.mixed:
             jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in args.mixed_algorithms.split(",")
                      for how in args.mixed_plans.split(",")]
