@@ -26,6 +26,10 @@ auto-round runs its light recipe's learning rate (5e-3, read from auto_round.cli
     lowbit-fp32        lowbit tuning in float32 (amp=False) where it would use bf16; not run unless asked
     lowbit-keepbest    lowbit keeping each block's parameters of the lowest minibatch loss (keep="best",
                        auto-round's rule) instead of the last ones; not run unless asked
+    lowbit-relloss     lowbit with each token's squared error relative to its targets' mean square
+                       (SignRound loss="relative", lowbit's default since 2026-12-03); not run unless asked
+    lowbit-mse         lowbit with plain mean squared error (loss="mse", auto-round's loss and lowbit's
+                       default before); not run unless asked
     lowbit-lr1         lowbit with learning rate 1 / iters for every layer (auto-round's default; lowbit's
                        default before it capped it at >= 3 bits); not run unless asked
     lowbit-lrcap       lowbit with that cap, min(1 / iters, 1 / sqrt(200 iters)), at 2 bits too; not run
@@ -64,7 +68,7 @@ SCHEMES = [("stories260K", 4, 32), ("stories260K", 2, 32), ("pycode-7m", 4, 128)
 ON_REQUEST = [("smollm2", 4, 128), ("smollm2", 2, 64)]  # run only when --only names them
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
-ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-lr1", "lowbit-lrcap"]
+ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-relloss", "lowbit-mse", "lowbit-lr1", "lowbit-lrcap"]
 
 
 def iters_of_presets() -> list[int]:
@@ -149,7 +153,8 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     lr = {"lowbit-lr1": default.layer_lr(2), "lowbit-lrcap": default.layer_lr(3)}.get(tool)
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
                             amp=False if tool == "lowbit-fp32" else None,
-                            keep="best" if tool == "lowbit-keepbest" else "last", lr=lr)
+                            keep="best" if tool == "lowbit-keepbest" else "last", lr=lr,
+                            loss={"lowbit-relloss": "relative", "lowbit-mse": "mse"}.get(tool))
     t0 = time.perf_counter()
     with tuned_process():  # the process settings the lowbit command runs with
         r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-target", dest="target", choices=["model", "block"], default=None,
                    help="what SignRound tunes each block to reproduce: the float model's outputs there (model, "
                         "default) or the float block's on the quantized model's inputs (block)")
+    q.add_argument("--loss", choices=["mse", "relative"], default=None,
+                   help="SignRound's block loss: each token's squared error relative to its size (relative, "
+                        "default: a few huge attention-sink tokens do not outweigh the rest) or plain mean squared "
+                        "error (mse, auto-round's)")
     q.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=2048, help="calibration window length in tokens (default 2048)")
     q.add_argument("--seed", type=int, default=0)
@@ -171,7 +175,7 @@ def cmd_quantize(args) -> None:
     algo_preset, pipe_preset = PRESETS[args.preset]
     settings = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size, "prescale": args.prescale,
                 "amp": args.bf16, "compile": args.compile, "keep": args.keep,
-                "drop": args.drop, "target": args.target}
+                "drop": args.drop, "target": args.target, "loss": args.loss}
     if args.algorithm.lower() == "signround":
         settings = {**algo_preset, **{k: v for k, v in settings.items() if v is not None}}
     algo = lowbit.get_algorithm(args.algorithm, **settings)

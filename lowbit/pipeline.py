@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lowbit.version import __version__
 from lowbit.activations import INPUT_SCALE, input_scales, inputs_quantized, quantize_model_inputs
 from lowbit.algorithms import BlockData, get_algorithm
-from lowbit.algorithms.base import Algorithm
+from lowbit.algorithms.base import Algorithm, squared_errors
 from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors
 from lowbit.mixes import expand_mix, mix_name
@@ -329,15 +329,17 @@ def _settle(run: Run, i: int, layers, result, targets) -> tuple[dict[str, Quanti
         _write(layers, result.weights)
         return result.weights, stats
     block, x, kwargs, batch, dtype = run.blocks[i], run.q_in, run.kwargs[i], run.algo.block_batch_size, run.fwd_dtype
+    # the measure the algorithm tuned for, so the start is not kept for scoring better on another
+    relative = result.stats.get("loss") == "relative"
     last = i + 1 == len(run.blocks)  # its outputs feed nothing
     if result.start is not None:
         _write(layers, result.start)
-        stats["loss_start"] = _loss(block, x, kwargs, batch, dtype, targets)
+        stats["loss_start"] = _loss(block, x, kwargs, batch, dtype, targets, relative)
     weights, outputs = result.weights, None
     _write(layers, weights)
     if not last or result.start is not None:
         outputs = run_block(block, x, kwargs, batch, dtype)
-        stats["loss_calib"] = _mse(outputs, targets, batch)
+        stats["loss_calib"] = _mse(outputs, targets, batch, relative)
     if result.start is not None:
         stats["kept_start"] = stats["loss_calib"] > stats["loss_start"]
         if stats["kept_start"]:
@@ -356,11 +358,11 @@ def _write(layers, weights: dict[str, QuantizedWeight]) -> None:
 
 
 @torch.no_grad()
-def _loss(block, x, kwargs, batch, dtype, targets) -> float:
+def _loss(block, x, kwargs, batch, dtype, targets, relative=False) -> float:
     """The block's mean squared error on x against the targets, a batch at a time, keeping no
     outputs (as _mse computes it from kept ones)."""
-    total = sum((run_block(block, x[j : j + batch], kwargs, batch, dtype).float() - targets[j : j + batch].float())
-                .pow(2).sum().item() for j in range(0, len(x), batch))
+    total = sum(squared_errors(run_block(block, x[j : j + batch], kwargs, batch, dtype), targets[j : j + batch],
+                               relative).sum().item() for j in range(0, len(x), batch))
     return total / targets.numel()
 
 
@@ -430,10 +432,10 @@ def _show_progress(bar, stats: dict, n_blocks: int) -> None:
 
 
 @torch.no_grad()
-def _mse(a: torch.Tensor, b: torch.Tensor, batch: int) -> float:
+def _mse(a: torch.Tensor, b: torch.Tensor, batch: int, relative=False) -> float:
     """Mean squared difference, a batch of rows at a time (no full-size temporary)."""
-    total = sum((a[i : i + batch].float() - b[i : i + batch].float()).pow(2).sum().item() for i in range(0, len(a), batch))
-    return total / a.numel()
+    return sum(squared_errors(a[i : i + batch], b[i : i + batch], relative).sum().item()
+               for i in range(0, len(a), batch)) / a.numel()
 
 
 def _fit_outside(model, outside: dict[str, Scheme]) -> dict[str, Scheme]:

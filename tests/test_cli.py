@@ -30,7 +30,7 @@ def texts(tmp_path_factory):
 def test_quantize_and_eval_end_to_end(tmp_path, texts):
     out = tmp_path / "q"
     r = lowbit("quantize", STORIES, "--scheme", "W4A16", "--group-size", "32", "--dataset", texts / "calib.txt",
-               "--seqlen", 128, "--nsamples", 16, "--iters", 20, "--no-prescale", "--no-bf16", "--keep", "best", "--block-target", "block", "--out", out, "--eval-text", texts / "eval.txt",
+               "--seqlen", 128, "--nsamples", 16, "--iters", 20, "--no-prescale", "--no-bf16", "--keep", "best", "--block-target", "block", "--loss", "mse", "--out", out, "--eval-text", texts / "eval.txt",
                "--eval-seqlen", 256, "--eval-windows", 20)
     assert r.returncode == 0, r.stderr
     assert "block 5/5" in r.stderr and "loss" in r.stderr and "ms/iter" in r.stderr
@@ -39,7 +39,7 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     assert report["scheme"]["bits"] == 4 and report["scheme"]["group_size"] == 32
     assert report["algorithm"] == {"name": "signround", "iters": 20, "lr": None, "batch_size": 8, "tune_minmax": True,
                                    "prescale": False, "minmax_max": 1.0, "keep": "best", "compile": None, "amp": False,
-                                   "drop": 0.0, "target": "block"}
+                                   "drop": 0.0, "target": "block", "loss": "mse"}
     assert all(b["amp"] is None for b in report["blocks"])  # --no-bf16: float32 tuning
     assert len(report["layers"]) == 35 and report["unquantized"] == ["model.embed_tokens.weight"]  # tied to lm_head
     assert len(report["calibration"]["sha256"]) == 64 and report["calibration"]["nsamples"] == 16

@@ -93,3 +93,25 @@ def test_per_channel_layers_of_different_widths(scheme):
     assert len(r.layers) == 7 and r.layers["model.layers.0.mlp.down_proj"].scale.shape == (64, 1)
     for name, q in r.layers.items():
         assert torch.equal(model.get_submodule(name).weight, q.dequantize(model.dtype)), name
+
+
+def test_relative_loss_weighs_each_token_by_its_size():
+    """loss="relative": a token's squared error over its target's mean square, so scaling one
+    token (an attention sink's huge hidden state) leaves its share of the loss as it was, where
+    plain MSE lets it outweigh every other token."""
+    from lowbit.algorithms.base import squared_errors
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 16)
+    out = target + 0.1 * torch.randn(2, 5, 16)
+    torch.testing.assert_close(squared_errors(out, target).mean(), torch.nn.functional.mse_loss(out, target))
+    rel = squared_errors(out, target, relative=True)
+    torch.testing.assert_close(rel, (out - target) ** 2 / (target**2).mean(-1, keepdim=True))
+    big_t, big_o = target.clone(), out.clone()
+    big_t[:, 0] *= 1000
+    big_o[:, 0] *= 1000
+    torch.testing.assert_close(squared_errors(big_o, big_t, relative=True), rel)
+    assert squared_errors(big_o, big_t).mean() > 1e4 * squared_errors(out, target).mean()
+    with pytest.raises(lowbit.LowbitError, match="loss must be"):
+        lowbit.SignRound(loss="l1")
+

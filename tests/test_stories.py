@@ -93,7 +93,7 @@ def test_keep_last_beats_best_minibatch(bits, data):
     rate 1 / iters, where the rule was measured (BENCHMARKS.md; most blocks, not all: at 200
     iterations this block at 4 bits is one of the exceptions)."""
     b = Block0(data[0][:64], lowbit.Scheme(bits, 32))
-    algo = lowbit.SignRound(iters=100, lr=1 / 100, amp=False)
+    algo = lowbit.SignRound(iters=100, lr=1 / 100, amp=False, loss="mse")  # the rule was measured on plain MSE
     results = {keep: replace(algo, keep=keep).quantize_block(b.block, b.layers, b.data) for keep in ("last", "best")}
     assert any(not torch.equal(results["last"].weights[n].codes, results["best"].weights[n].codes) for n in b.layers)
     assert b.mse(results["last"]) < b.mse(results["best"])
@@ -203,3 +203,28 @@ def test_target_model_or_block(data):
     assert not torch.allclose(t_m, t_b, atol=1e-3)
     with pytest.raises(lowbit.LowbitError, match="target"):
         SignRound(target="float")
+
+
+def test_relative_loss_is_what_the_block_keeps_by(data):
+    """With loss="relative" the pipeline scores a block's tuned and start weights by the same
+    relative measure it was tuned with (not plain MSE): block 0's reported loss_calib is its
+    relative error on the windows, recomputed here, and the run differs from a plain-MSE one."""
+    from lowbit.algorithms.base import squared_errors
+
+    windows = data[0][:16]
+    reference, _ = load_model(STORIES)
+    _, ref_blocks = find_blocks(reference)
+    fp_x, kwargs = capture_block_inputs(reference, ref_blocks, windows, torch.device("cpu"))
+    runs = {}
+    for loss in ("mse", "relative"):
+        model, _ = load_model(STORIES)
+        r = lowbit.quantize(model, "W2A16G32", lowbit.SignRound(iters=10, batch_size=4, amp=False, loss=loss),
+                            windows, progress=False)
+        runs[loss] = r
+        with torch.no_grad():
+            target = run_block(ref_blocks[0], fp_x, kwargs[0], 8)
+            out = run_block(find_blocks(model)[1][0], fp_x, kwargs[0], 8)
+        b0 = r.report["blocks"][0]
+        assert b0["loss_calib"] == pytest.approx(squared_errors(out, target, loss == "relative").mean().item(), rel=1e-4)
+        assert r.report["algorithm"]["loss"] == loss
+    assert any(not torch.equal(runs["mse"].layers[n].codes, runs["relative"].layers[n].codes) for n in runs["mse"].layers)

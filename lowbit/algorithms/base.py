@@ -72,3 +72,14 @@ class Algorithm(Protocol):
         and hands to every block: what an algorithm learns on one block (a compile that failed)
         carries to the next blocks of the same run and no further. The pipeline sets its
         "progress" to a label ("block 3/30") when progress is shown, else None."""
+
+
+def squared_errors(out: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """A block's squared output errors, in float32. relative: each token's (the last dimension's)
+    divided by its target's mean square, which is how the next block sees them (through its
+    RMSNorm/LayerNorm) and keeps a few huge "attention sink" tokens from outweighing the rest."""
+    target = target.float()
+    err = (out.float() - target).pow(2)
+    if relative:
+        err = err / target.pow(2).mean(-1, keepdim=True).clamp(min=1e-12)
+    return err

@@ -4,7 +4,8 @@ quantized block reproduces the full-precision block's outputs.
 Per weight a rounding offset V in [-0.5, 0.5] (init 0) added before rounding; per group factors on
 the min and max (init 1, kept in [0, 1]). Each step: p -= lr * sign(grad), lr decaying linearly to
 0 (its start per layer: `SignRound.layer_lr`). The final parameters are kept (or, as in
-auto-round, those of the lowest minibatch loss seen).
+auto-round, those of the lowest minibatch loss seen). The loss is each output token's squared
+error relative to that token's size (`loss`), so attention-sink tokens do not drown out the rest.
 
 All Linear layers of a block that share a data type, group size and symmetry are tuned as one
 [rows, group] tensor, so one iteration is one quantize-dequantize call per such bucket plus the
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lowbit.algorithms.base import BlockData, BlockResult, LayerMap
+from lowbit.algorithms.base import BlockData, BlockResult, LayerMap, squared_errors
 from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors, weight_importance
 from lowbit.errors import LowbitError
@@ -72,6 +73,13 @@ class SignRound:
     # (quantized) inputs, the block's own error only, as GPTQ measures it. None: "model" (better on
     # every model and scheme measured, BENCHMARKS.md).
     target: str | None = None
+    # Each output token's squared error as a share of that token's mean square in the targets
+    # ("relative"), or as it is ("mse", auto-round's loss). Most LLMs grow a few "attention sink"
+    # tokens (a window's first) whose hidden states are 10^4 times larger than the rest: in plain
+    # MSE their errors are nearly all of the loss, though the next block sees every token through
+    # an RMSNorm, i.e. divided by its size (BENCHMARKS.md: better on SmolLM2-135M; on pycode-7m,
+    # which has no sinks, even at 4 bits and a little worse at 2).
+    loss: str = "relative"
 
     name: ClassVar[str] = "signround"
     needs_data: ClassVar[bool] = True
@@ -87,6 +95,8 @@ class SignRound:
             raise LowbitError(f"keep must be 'last' or 'best', got {self.keep!r}")
         if self.target not in (None, "model", "block"):
             raise LowbitError(f"target must be 'model' or 'block', got {self.target!r}")
+        if self.loss not in ("mse", "relative"):
+            raise LowbitError(f"loss must be 'mse' or 'relative', got {self.loss!r}")
         if not 0 <= self.drop < 0.5:
             raise LowbitError(f"drop must be in [0, 0.5), got {self.drop}")
 
@@ -124,7 +134,7 @@ class SignRound:
         return {"iters": self.iters, "lr": per_bits(lambda b: round(self.layer_lr(b), 6)), "batch_size": self.batch_size,
                 "tune_minmax": self.tune_minmax, "minmax_max": self.minmax_max,
                 "prescale": per_bits(self.uses_prescale), "bf16": amp, "compile": compile_, "keep": self.keep,
-                "drop": self.drop, "target": self.target or "model"}
+                "drop": self.drop, "target": self.target or "model", "loss": self.loss}
 
     def tuning_dtype(self, device: torch.device) -> torch.dtype | None:
         """bfloat16 where the block runs under autocast to it while tuned (see `amp`), else None.
@@ -270,9 +280,10 @@ def _compiled_qdq():
     return torch.compile(_reference_qdq, dynamic=False)
 
 
-def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0):
+def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0, relative=False):
     """The tuning loss of one minibatch: the block with its quantize-dequantized weights against
-    the full-precision targets (the largest `drop` share of squared errors left out). Everything
+    the full-precision targets (the largest `drop` share of squared errors left out; with
+    `relative` each token's errors divided by its targets' mean square). Everything
     it needs comes in as arguments, so one compiled version serves every block of a model.
     (Autocast, if any, is entered by the caller: inside, it would keep torch from caching the
     compiled backward between runs.)"""
@@ -280,9 +291,12 @@ def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0):
     for b in buckets:
         w.update(b.weights(weight_dtype, qdq))
     out = block_output(functional_call(block, w, (x,), kwargs))
-    if not drop:
+    if not drop and not relative:
         return F.mse_loss(out.float(), target.float())
-    err = (out.float() - target.float()).pow(2).flatten()
+    err = squared_errors(out, target, relative)
+    if not drop:
+        return err.mean()
+    err = err.flatten()
     k = int(err.numel() * drop)
     return (err.sum() - err.topk(k).values.sum()) / (err.numel() - k)
 
@@ -330,6 +344,7 @@ class _Tuner:
         self.amp = cfg.tuning_dtype(self.device)
         self.weight_dtype = self.amp if self.amp is not None else dtype
         self.inputs = data.inputs.to(dtype)
+        self.relative = cfg.loss == "relative"
         self.batches = _batches(len(self.inputs), cfg.batch_size, torch.Generator().manual_seed(seed))
         tokens = min(cfg.batch_size, len(self.inputs)) * self.inputs[0].numel() // self.inputs.shape[-1]
         weights = sum(b.w.numel() for b in buckets)
@@ -346,7 +361,8 @@ class _Tuner:
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
         with autocast:
             loss = self.step(self.block, self.buckets, self.qdq, self.weight_dtype, self.data.kwargs,
-                             self.inputs[idx], self.data.targets[idx], self.cfg.drop)
+                             self.inputs[idx], self.data.targets[idx], self.cfg.drop,
+                             self.relative)
         loss.backward()
         return loss.item()
 
@@ -428,6 +444,7 @@ def signround_block(cfg: SignRound, block, layers: LayerMap, data: BlockData, se
         # the mean over the last pass through the calibration set: about the final parameters' loss
         "loss_last": sum(losses[-last_pass:]) / last_pass if losses else None,
         "kept": cfg.keep,
+        "loss": cfg.loss,
         "lr": sorted({cfg.layer_lr(s.bits) for _, s in layers.values()}),
         "iters": cfg.iters,
         "amp": str(tuner.amp).removeprefix("torch.") if tuner.amp is not None else None,
