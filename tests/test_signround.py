@@ -99,7 +99,7 @@ def test_relative_loss_weighs_each_token_by_its_size():
     """loss="relative": a token's squared error over its target's mean square, so scaling one
     token (an attention sink's huge hidden state) leaves its share of the loss as it was, where
     plain MSE lets it outweigh every other token."""
-    from lowbit.algorithms.base import squared_errors
+    from lowbit.algorithms.base import squared_errors, token_scales
 
     torch.manual_seed(0)
     target = torch.randn(2, 5, 16)
@@ -112,6 +112,10 @@ def test_relative_loss_weighs_each_token_by_its_size():
     big_o[:, 0] *= 1000
     torch.testing.assert_close(squared_errors(big_o, big_t, relative=True), rel)
     assert squared_errors(big_o, big_t).mean() > 1e4 * squared_errors(out, target).mean()
+    # the tuning step's form: both sides scaled per token (computed a window at a time), fused MSE
+    s = token_scales(big_t, chunk=1)
+    assert s.shape == (2, 5, 1)
+    torch.testing.assert_close(torch.nn.functional.mse_loss(big_o * s, big_t * s), rel.mean())
     with pytest.raises(lowbit.LowbitError, match="loss must be"):
         lowbit.SignRound(loss="l1")
 

@@ -74,12 +74,19 @@ class Algorithm(Protocol):
         "progress" to a label ("block 3/30") when progress is shown, else None."""
 
 
+def token_scales(target: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """1 / each token's root mean square (over the last dimension), float32, shape [..., 1]: a
+    token's errors times this are relative to its size, which is how the next block sees them
+    (through its RMSNorm/LayerNorm), so a few huge "attention sink" tokens do not outweigh the
+    rest. Computed `chunk` windows at a time: a float32 copy of all targets can be gigabytes."""
+    return torch.cat([t.float().pow(2).mean(-1, keepdim=True).clamp(min=1e-12).rsqrt() for t in target.split(chunk)])
+
+
 def squared_errors(out: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
-    """A block's squared output errors, in float32. relative: each token's (the last dimension's)
-    divided by its target's mean square, which is how the next block sees them (through its
-    RMSNorm/LayerNorm) and keeps a few huge "attention sink" tokens from outweighing the rest."""
-    target = target.float()
-    err = (out.float() - target).pow(2)
+    """A block's squared output errors, in float32; relative: each token's divided by its target's
+    mean square (`token_scales`)."""
+    out, target = out.float(), target.float()
     if relative:
-        err = err / target.pow(2).mean(-1, keepdim=True).clamp(min=1e-12)
-    return err
+        s = token_scales(target)
+        out, target = out * s, target * s
+    return (out - target).pow(2)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lowbit.algorithms.base import BlockData, BlockResult, LayerMap, squared_errors
+from lowbit.algorithms.base import BlockData, BlockResult, LayerMap, token_scales
 from lowbit.algorithms.cpu_attention import attention_context
 from lowbit.algorithms.prescale import search_range_factors, weight_importance
 from lowbit.errors import LowbitError
@@ -280,23 +280,22 @@ def _compiled_qdq():
     return torch.compile(_reference_qdq, dynamic=False)
 
 
-def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0, relative=False):
+def _step_loss(block, buckets, qdq, weight_dtype, kwargs, x, target, drop=0.0, scales=None):
     """The tuning loss of one minibatch: the block with its quantize-dequantized weights against
     the full-precision targets (the largest `drop` share of squared errors left out; with
-    `relative` each token's errors divided by its targets' mean square). Everything
+    `scales`, each token's outputs and target multiplied by its own, `token_scales`). Everything
     it needs comes in as arguments, so one compiled version serves every block of a model.
     (Autocast, if any, is entered by the caller: inside, it would keep torch from caching the
     compiled backward between runs.)"""
     w = {}
     for b in buckets:
         w.update(b.weights(weight_dtype, qdq))
-    out = block_output(functional_call(block, w, (x,), kwargs))
-    if not drop and not relative:
-        return F.mse_loss(out.float(), target.float())
-    err = squared_errors(out, target, relative)
+    out, target = block_output(functional_call(block, w, (x,), kwargs)).float(), target.float()
+    if scales is not None:  # scaling both keeps the fused mse_loss: ~3x cheaper than dividing the errors
+        out, target = out * scales, target * scales
     if not drop:
-        return err.mean()
-    err = err.flatten()
+        return F.mse_loss(out, target)
+    err = (out - target).pow(2).flatten()
     k = int(err.numel() * drop)
     return (err.sum() - err.topk(k).values.sum()) / (err.numel() - k)
 
@@ -344,7 +343,8 @@ class _Tuner:
         self.amp = cfg.tuning_dtype(self.device)
         self.weight_dtype = self.amp if self.amp is not None else dtype
         self.inputs = data.inputs.to(dtype)
-        self.relative = cfg.loss == "relative"
+        # once per block, not every step
+        self.scales = token_scales(data.targets) if cfg.loss == "relative" else None
         self.batches = _batches(len(self.inputs), cfg.batch_size, torch.Generator().manual_seed(seed))
         tokens = min(cfg.batch_size, len(self.inputs)) * self.inputs[0].numel() // self.inputs.shape[-1]
         weights = sum(b.w.numel() for b in buckets)
@@ -362,7 +362,7 @@ class _Tuner:
         with autocast:
             loss = self.step(self.block, self.buckets, self.qdq, self.weight_dtype, self.data.kwargs,
                              self.inputs[idx], self.data.targets[idx], self.cfg.drop,
-                             self.relative)
+                             None if self.scales is None else self.scales[idx])
         loss.backward()
         return loss.item()
 
