@@ -154,7 +154,7 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
     algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
                             amp=False if tool == "lowbit-fp32" else None,
                             keep="best" if tool == "lowbit-keepbest" else "last", lr=lr,
-                            loss={"lowbit-relloss": "relative", "lowbit-mse": "mse"}.get(tool))
+                            loss={"lowbit-relloss": "relative", "lowbit-mse": "mse"}.get(tool, default.loss))
     t0 = time.perf_counter()
     with tuned_process():  # the process settings the lowbit command runs with
         r = lowbit.quantize(model, lowbit.Scheme(bits, group, sym=True), algo, windows, tokenizer=tok,
