@@ -23,8 +23,9 @@ Variants: rtn; signround (200 iterations, lowbit's defaults); signround-drop (th
 squared output errors left out of the loss, drop=0.001); signround-prescale (the activation-
 weighted scale search before tuning); signround-drop-prescale; signround-lr0.01 (twice the default
 step at 200 iterations); signround-fixedrange (the range factors kept where they start, as MX
-keeps them anyway); signround-blocktarget (SignRound target="block"); signround-relative (its
-loss="relative": each token's error relative to its size). Calibration: 128 windows of 256
+keeps them anyway); signround-blocktarget (SignRound target="block"); signround-mse (its
+loss="mse", the plain mean squared error, SignRound's default before 2026-12-03; the default,
+"relative", takes each token's error relative to its size). Calibration: 128 windows of 256
 tokens, seed 0 (pycode-7m: its calib.txt; SmolLM2: c4_validation_2k); evaluation: pycode-7m's
 heldout.txt, 300 windows of 256 / SmolLM2: wikitext2 test, 40 windows of 256. "recovered" is the
 share of the perplexity round to nearest loses against full precision that the variant wins back.
@@ -53,7 +54,7 @@ VARIANTS = {
     "signround-lr0.01": {"lr": 0.01},
     "signround-fixedrange": {"tune_minmax": False},
     "signround-blocktarget": {"target": "block"},  # the block's own error only (SignRound.target)
-    "signround-relative": {"loss": "relative"},  # each token's error relative to its size (SignRound.loss)
+    "signround-mse": {"loss": "mse"},  # plain MSE; the default weighs each token's error by its size
     "autoround": "autoround",
 }
 
@@ -195,7 +196,7 @@ def main() -> None:
         for s in filter(None, args.schemes.split(",")):
             # at 8 bits only round to nearest, plain SignRound and its loss
             jobs += [(m, s, v) for v in filter(None, args.variants.split(","))
-                     if not (s.endswith("8") and v not in ("rtn", "signround", "signround-relative"))]
+                     if not (s.endswith("8") and v not in ("rtn", "signround", "signround-mse"))]
         if args.mixed:
             jobs += [(m, f"MXFP4/MXFP8@{args.mixed}", f"{a}-{how}") for a in args.mixed_algorithms.split(",")
                      for how in args.mixed_plans.split(",")]

@@ -2,6 +2,7 @@
 
     python bench/overhead.py                          # every shape below; run it alone
     python bench/overhead.py --shapes pycode-7m smollm2 --reps 20
+    python bench/overhead.py --shapes smollm2 --block 15 --losses mse relative   # SignRound's two losses
 
 For one block of each shape, the same minibatch (8 windows of 256 tokens), the same dtype and
 autocast SignRound picks on this CPU, the same threads:
@@ -78,14 +79,15 @@ def random_llama(hidden: int, inter: int, heads: int, kv: int):
     return model
 
 
-def block_setup(shape: str):
-    """(block, inputs [8, 256, hidden], kwargs, targets) under the autocast SignRound uses here."""
+def block_setup(shape: str, block_index: int = 1):
+    """(block, inputs [8, 256, hidden], kwargs, targets) under the autocast SignRound uses here;
+    block `block_index` of a real model (of the random ones, the first)."""
     src = SHAPES[shape]
     if isinstance(src, str):
         if not os.path.isdir(src):
             raise SystemExit(f"{shape}: no model folder at {src}")
         model, _ = load_model(src)
-        index = 1
+        index = block_index
     else:
         model, index = random_llama(*src), 0
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -194,6 +196,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="rounds of plain and tuning, alternating")
     ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--block", type=int, default=1, help="which block of a real model (default 1)")
+    ap.add_argument("--losses", nargs="+", choices=["mse", "relative"], default=[lowbit.SignRound.loss],
+                    help="SignRound's loss (default: its default); several are timed alternating in each round")
     ap.add_argument("--label", default="", help="a note stored with each row")
     ap.add_argument("--wake", action="store_true", help="only the matmul-then-elementwise wake-up timing")
     args = ap.parse_args()
@@ -209,35 +214,38 @@ def main():
     cpu = cpu_kind()
     out = os.path.join(HERE, "results", "overhead.jsonl")
     print(f"CPU: {cpu}; threads {torch.get_num_threads()}; torch {torch.__version__}")
-    print(f"{'':31s} {'--- best iteration ---':>27s}   {'--- median iteration ---':>27s}")
-    print(f"{'shape':10s} {'scheme':10s} {'dtype':9s} {'plain ms':>9s} {'tuning ms':>10s} {'ratio':>6s}"
+    print(f"{'':41s} {'--- best iteration ---':>27s}   {'--- median iteration ---':>27s}")
+    print(f"{'shape':10s} {'scheme':10s} {'loss':9s} {'dtype':9s} {'plain ms':>9s} {'tuning ms':>10s} {'ratio':>6s}"
           f"   {'plain ms':>9s} {'tuning ms':>10s} {'ratio':>6s}")
     for shape in args.shapes:
-        run, block, x, kwargs, targets, index = block_setup(shape)
+        run, block, x, kwargs, targets, index = block_setup(shape, args.block)
         algo = lowbit.SignRound(**settings)
         amp = algo.tuning_dtype(x.device)
         reps = args.reps or (3 if isinstance(SHAPES[shape], tuple) else 30)
         for scheme in args.schemes:
             # plain and tuning alternate, so a slow spell of a shared machine hits both
-            base, ms, mode = [], [], None
+            base, ms, mode = [], {loss: [] for loss in args.losses}, None
             for _ in range(args.rounds):
                 base.append(plain_ms(block, x, kwargs, targets, amp, reps))
-                t, mode = tuning_ms(run, block, x, kwargs, targets, index, scheme, reps, **settings)
-                ms.append(t)
+                for loss in args.losses:
+                    t, mode = tuning_ms(run, block, x, kwargs, targets, index, scheme, reps, **settings, loss=loss)
+                    ms[loss].append(t)
             b_min, b_med = min(b[0] for b in base), min(b[1] for b in base)
-            t_min, t_med = min(t[0] for t in ms), min(t[1] for t in ms)
-            row = {"shape": shape, "scheme": scheme, "cpu": cpu, "threads": torch.get_num_threads(),
-                   "dtype": str(amp or x.dtype).removeprefix("torch."), "compiled": mode,
-                   "tokens": BATCH * SEQLEN, "plain_ms": round(b_min, 2), "tuning_ms": round(t_min, 2),
-                   "ratio": round(t_min / b_min, 3), "plain_median_ms": round(b_med, 2),
-                   "tuning_median_ms": round(t_med, 2), "ratio_median": round(t_med / b_med, 3),
-                   "reps": reps, "rounds": args.rounds, "label": args.label,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "date": time.strftime("%Y-%m-%d %H:%M")}
-            print(f"{shape:10s} {scheme:10s} {row['dtype']:9s} {b_min:9.1f} {t_min:10.1f} {t_min / b_min:6.2f}"
-                  f"   {b_med:9.1f} {t_med:10.1f} {t_med / b_med:6.2f}"
-                  + (f"  (compiled: {mode})" if mode else ""), flush=True)
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            for loss, times in ms.items():
+                t_min, t_med = min(t[0] for t in times), min(t[1] for t in times)
+                row = {"shape": shape, "block": index, "scheme": scheme, "loss": loss, "cpu": cpu,
+                       "threads": torch.get_num_threads(),
+                       "dtype": str(amp or x.dtype).removeprefix("torch."), "compiled": mode,
+                       "tokens": BATCH * SEQLEN, "plain_ms": round(b_min, 2), "tuning_ms": round(t_min, 2),
+                       "ratio": round(t_min / b_min, 3), "plain_median_ms": round(b_med, 2),
+                       "tuning_median_ms": round(t_med, 2), "ratio_median": round(t_med / b_med, 3),
+                       "reps": reps, "rounds": args.rounds, "label": args.label,
+                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "date": time.strftime("%Y-%m-%d %H:%M")}
+                print(f"{shape:10s} {scheme:10s} {loss:9s} {row['dtype']:9s} {b_min:9.1f} {t_min:10.1f} {t_min / b_min:6.2f}"
+                      f"   {b_med:9.1f} {t_med:10.1f} {t_med / b_med:6.2f}"
+                      + (f"  (compiled: {mode})" if mode else ""), flush=True)
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
         del run, block, x, targets
 
 
