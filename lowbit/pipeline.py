@@ -359,8 +359,8 @@ def _write(layers, weights: dict[str, QuantizedWeight]) -> None:
 
 @torch.no_grad()
 def _loss(block, x, kwargs, batch, dtype, targets, relative=False) -> float:
-    """The block's mean squared error on x against the targets, a batch at a time, keeping no
-    outputs (as _mse computes it from kept ones)."""
+    """The block's mean squared error on x against the targets (relative: per token, as
+    `squared_errors`), a batch at a time, keeping no outputs (as _mse computes it from kept ones)."""
     total = sum(squared_errors(run_block(block, x[j : j + batch], kwargs, batch, dtype), targets[j : j + batch],
                                relative).sum().item() for j in range(0, len(x), batch))
     return total / targets.numel()
@@ -433,7 +433,8 @@ def _show_progress(bar, stats: dict, n_blocks: int) -> None:
 
 @torch.no_grad()
 def _mse(a: torch.Tensor, b: torch.Tensor, batch: int, relative=False) -> float:
-    """Mean squared difference, a batch of rows at a time (no full-size temporary)."""
+    """Mean squared difference (relative: per token, as `squared_errors`), a batch of rows at a time
+    (no full-size temporary)."""
     return sum(squared_errors(a[i : i + batch], b[i : i + batch], relative).sum().item()
                for i in range(0, len(a), batch)) / a.numel()
 

@@ -118,4 +118,3 @@ def test_relative_loss_weighs_each_token_by_its_size():
     torch.testing.assert_close(torch.nn.functional.mse_loss(big_o * s, big_t * s), rel.mean())
     with pytest.raises(lowbit.LowbitError, match="loss must be"):
         lowbit.SignRound(loss="l1")
-
