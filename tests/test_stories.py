@@ -170,6 +170,29 @@ def test_block_never_ends_worse_than_its_start(data):
     for b in bad["blocks"] + good["blocks"]:
         assert b["loss_calib"] <= b["loss_start"]
         assert b["kept_start"] == (b["index"] in bad["blocks_kept_start"] and b in bad["blocks"])
+        # a kept start's loss was summed over every window; a tuning that helps stops it early
+        assert b["loss_start_windows"] == 32 if b["kept_start"] else b["loss_start_windows"] <= 32
+    assert any(b["loss_start_windows"] < 32 for b in good["blocks"])
+
+
+def test_start_loss_stops_once_past_the_tuned_loss(data):
+    """The start's loss (pipeline._loss) runs a batch at a time and stops once its sum passes the
+    bound: what it returns then is the part so far, above the bound and at most the full loss."""
+    from lowbit.pipeline import _loss
+
+    model, _ = load_model(STORIES)
+    blocks = find_blocks(model)[1]
+    x, kwargs = capture_block_inputs(model, blocks, data[0][:16], torch.device("cpu"))
+    targets = run_block(blocks[0], x, kwargs[0], 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lin in find_linears(blocks[0]).values():
+            lin.weight.add_(0.02 * torch.randn_like(lin.weight))
+    full, n = _loss(blocks[0], x, kwargs[0], 4, None, targets, relative=True)
+    assert n == 16 and full > 0
+    part, m = _loss(blocks[0], x, kwargs[0], 4, None, targets, relative=True, above=full / 3)
+    assert m < 16 and m % 4 == 0 and full / 3 < part <= full
+    assert _loss(blocks[0], x, kwargs[0], 4, None, targets, relative=True, above=2 * full) == (full, 16)
 
 
 def test_target_model_or_block(data):
