@@ -170,9 +170,9 @@ def test_block_never_ends_worse_than_its_start(data):
     for b in bad["blocks"] + good["blocks"]:
         assert b["loss_calib"] <= b["loss_start"]
         assert b["kept_start"] == (b["index"] in bad["blocks_kept_start"] and b in bad["blocks"])
-        # a kept start's loss was summed over every window; a tuning that helps stops it early
-        assert b["loss_start_windows"] == 32 if b["kept_start"] else b["loss_start_windows"] <= 32
-    assert any(b["loss_start_windows"] < 32 for b in good["blocks"])
+        if b["kept_start"]:  # its loss was summed over every window
+            assert b["loss_start_windows"] == 32
+    assert any(b["loss_start_windows"] < 32 for b in good["blocks"])  # a tuning that helps stops it early
 
 
 def test_start_loss_stops_once_past_the_tuned_loss(data):
