@@ -3,6 +3,7 @@ passes over the calibration windows, the pre-tuning range search.
 
     python bench/block_time.py                              # SmolLM2-135M, first 3 blocks, W2A16G64, 50 iters
     python bench/block_time.py --model pycode-7m --blocks 6 --scheme W4A16 --iters 200
+    python bench/block_time.py --steps 8x50 4x100           # the light preset's two shapes of tuning
 
 The model's first `--blocks` blocks are quantized as `lowbit.quantize` does it (128 windows of 256
 of the model's calibration text, batch 8, seed 0), twice per `--rounds`, alternating:
@@ -10,6 +11,9 @@ of the model's calibration text, batch 8, seed 0), twice per `--rounds`, alterna
   early   the start's loss (the block-never-ends-worse check) stops once it passes the tuned
           weights' loss (pipeline._loss's `above`), as lowbit runs it
   full    the start's loss over every window (the same function with no bound): the baseline
+
+With `--steps BATCHxITERS ...` the modes are instead those tunings (windows a step x steps), each
+with the start's loss stopped early; their weights differ, so nothing is checked.
 
 Each part's seconds per block are summed by wrapping the functions that do it. The two modes must
 keep the same weights (checked: the same kept-start choice and loss per block). Rows go to
@@ -63,7 +67,7 @@ def timed(seconds: dict):
     return undo
 
 
-def run(model_name: str, blocks: int, scheme: str, iters: int, mode: str) -> dict:
+def run(model_name: str, blocks: int, scheme: str, iters: int, mode: str, batch: int = 8) -> dict:
     from lowbit.calib import make_windows, tokenize
     from lowbit.model import load_model
 
@@ -79,7 +83,7 @@ def run(model_name: str, blocks: int, scheme: str, iters: int, mode: str) -> dic
         pipeline._loss = lambda *a, above=None, **k: bounded(*a, **k)
     try:
         t0 = time.perf_counter()
-        r = lowbit.quantize(model, scheme, lowbit.SignRound(iters=iters), windows, nsamples=128, seqlen=256,
+        r = lowbit.quantize(model, scheme, lowbit.SignRound(iters=iters, batch_size=batch), windows, nsamples=128, seqlen=256,
                             progress=False)
         total = time.perf_counter() - t0
     finally:
@@ -87,7 +91,7 @@ def run(model_name: str, blocks: int, scheme: str, iters: int, mode: str) -> dic
         for owner, name, f in undo:
             setattr(owner, name, f)
     b = r.report["blocks"]
-    return {"model": model_name, "blocks": blocks, "scheme": scheme, "iters": iters, "mode": mode,
+    return {"model": model_name, "blocks": blocks, "scheme": scheme, "iters": iters, "batch": batch, "mode": mode,
             "cpu": cpu_kind(), "threads": torch.get_num_threads(), "total_s": total,
             "per_block_s": {k: v / blocks for k, v in seconds.items()},
             "start_windows": [x.get("loss_start_windows") for x in b],
@@ -101,21 +105,42 @@ def main():
     p.add_argument("--scheme", default="W2A16G64")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", nargs="+", metavar="BATCHxITERS",
+                   help="alternate these tunings (e.g. 8x50 4x100) instead of the two start's-loss modes")
     args = p.parse_args()
+    if args.steps:
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.steps]
+        except ValueError:
+            sys.exit(f"--steps wants BATCHxITERS, e.g. 8x50, got {args.steps}")
+        modes = [(s, "early", b, i) for s, (b, i) in zip(args.steps, shapes)]
+    else:
+        modes = [(m, m, 8, args.iters) for m in ("early", "full")]
     rows = []
     for _ in range(args.rounds):
-        for mode in ("early", "full"):
-            rows.append(run(args.model, args.blocks, args.scheme, args.iters, mode))
+        for label, mode, batch, iters in modes:
+            rows.append({**run(args.model, args.blocks, args.scheme, iters, mode, batch), "label": label})
             r = rows[-1]
-            print(f"{mode:5s} total {r['total_s']:.1f} s; per block: "
+            print(f"{label:5s} total {r['total_s']:.1f} s; per block: "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in r["per_block_s"].items())
                   + f"; start's loss over windows {r['start_windows']}", flush=True)
+    if args.steps:
+        best = {label: min(r["total_s"] for r in rows if r["label"] == label) for label, *_ in modes}
+        first = next(iter(best.values()))
+        print(f"{rows[0]['cpu']}, {rows[0]['threads']} threads; best totals: "
+              + ", ".join(f"{k} {v:.1f} s ({v / first:.3f}x)" for k, v in best.items()))
+        _save(rows, None)
+        return
     early = [r for r in rows if r["mode"] == "early"]
     full = [r for r in rows if r["mode"] == "full"]
     same = all(a["kept_start"] == b["kept_start"] and a["loss_calib"] == b["loss_calib"] for a in early for b in full)
     print(f"{rows[0]['cpu']}, {rows[0]['threads']} threads; same weights both ways: {same}")
     print(f"best total: early {min(r['total_s'] for r in early):.1f} s, full {min(r['total_s'] for r in full):.1f} s "
           f"({min(r['total_s'] for r in early) / min(r['total_s'] for r in full):.3f}x)")
+    _save(rows, same)
+
+
+def _save(rows, same):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "block_time.jsonl"), "a") as f:
         for r in rows:

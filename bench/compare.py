@@ -10,8 +10,10 @@ Needs a separate venv with auto-round (see bench/README.md); this script install
     /work/arvenv/bin/python bench/compare.py --only W4G128-i200 --seeds 0 1 2   # spread over seeds
     /work/arvenv/bin/python bench/compare.py --only smollm2-W4G128 --light-vs-default   # ~1 h
 
-Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 ("default"
-preset) and 50 ("light"); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. SmolLM2-135M W4G128
+Settings: stories260K W4G32, W2G32; pycode-7m W4G128, W3G128, W2G128; each at iters 200 (auto-round's
+default) and 50 (its light recipe); nsamples 128, seqlen 256, batch 8, seed 0, symmetric. lowbit runs
+its preset of the same name and windows seen: at 200 its default (200 steps of 8 windows), at 50 its
+light preset (100 steps of 4 windows; 50 steps of 8 before 2026-12-04: tool lowbit-b8). SmolLM2-135M W4G128
 and W2G64 (W4A16 and W2A16G64) only when `--only` names them: its calibration text is c4_validation_2k,
 its evaluation 40 windows of wikitext2 test (as bench/float_types.py), and each auto-round run of it
 takes most of an hour on 2 cores. At 50 iterations
@@ -34,6 +36,11 @@ auto-round runs its light recipe's learning rate (5e-3, read from auto_round.cli
                        default before it capped it at >= 3 bits); not run unless asked
     lowbit-lrcap       lowbit with that cap, min(1 / iters, 1 / sqrt(200 iters)), at 2 bits too; not run
                        unless asked
+    lowbit-b8          lowbit at 8 windows a step and the setting's steps (the light preset before
+                       2026-12-04 at 50); not run unless asked
+    lowbit-b4          lowbit at 4 windows a step and the setting's steps (half the work); not run unless asked
+    lowbit-b4x2        lowbit at 4 windows a step and twice the setting's steps (the same windows seen in
+                       smaller steps, lr 1 / steps); not run unless asked. Rows record the batch and steps run.
     lowbit-arlayers    lowbit restricted to the Linear layers auto-round quantizes (auto-round keeps
                        int layers whose out or in features do not divide by 32 in 16 bits); only
                        where that set differs from lowbit's
@@ -68,13 +75,29 @@ SCHEMES = [("stories260K", 4, 32), ("stories260K", 2, 32), ("pycode-7m", 4, 128)
 ON_REQUEST = [("smollm2", 4, 128), ("smollm2", 2, 64)]  # run only when --only names them
 LOGS = os.path.join(tempfile.gettempdir(), "lowbit-compare-logs")  # each run's stderr (auto-round's log)
 TOOLS = ["autoround", "lowbit", "lowbit-noprescale", "lowbit-arlayers"]
-ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-relloss", "lowbit-mse", "lowbit-lr1", "lowbit-lrcap"]
+ALL_TOOLS = TOOLS + ["autoround-default", "lowbit-fp32", "lowbit-keepbest", "lowbit-relloss", "lowbit-mse", "lowbit-lr1", "lowbit-lrcap",
+                     "lowbit-b8", "lowbit-b4", "lowbit-b4x2"]
 
 
-def iters_of_presets() -> list[int]:
+ITERS = [200, 50]  # auto-round's default and its light recipe (at batch 8)
+
+
+def lowbit_shape(tool: str, iters: int) -> tuple[int, int]:
+    """(steps, windows a step) of a lowbit run at a setting of `iters` auto-round steps of BATCH:
+    lowbit's preset that sees the same windows (default at 200, light at 50), else iters x BATCH."""
     from lowbit.pipeline import PRESETS
 
-    return [PRESETS["default"][0]["iters"], PRESETS["light"][0]["iters"]]  # 200, 50
+    if tool == "lowbit-b8":
+        return iters, BATCH
+    if tool == "lowbit-b4":
+        return iters, BATCH // 2
+    if tool == "lowbit-b4x2":
+        return 2 * iters, BATCH // 2
+    for algo, _ in PRESETS.values():
+        batch = algo.get("batch_size", BATCH)
+        if algo["iters"] * batch == iters * BATCH and iters in ITERS:
+            return algo["iters"], batch
+    return iters, BATCH
 
 
 def setting_name(model: str, bits: int, group: int, iters: int) -> str:
@@ -129,6 +152,7 @@ def run_one(tool: str, model_name: str, bits: int, group: int, iters: int, nsamp
         else:
             quant_s, extra = _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool)
         row.update(extra)
+        row["iters"], row["batch_size"] = extra.get("iters_run", iters), extra.get("batch_run", BATCH)
     row["peak_rss_quant_mb"] = rss_mb()
     changed = {n for n, w in before.items() if not torch.equal(w, weight_params(model)[n].detach().float())}
     row["unquantized"] = sorted(set(before) - changed)
@@ -149,9 +173,10 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
         lowbit.pipeline.find_linears = lambda b: {n: m for n, m in orig(b).items() if not ar_skips(m.weight.shape)}
     # one learning rate for every layer: lowbit's default for 2 bits (1 / iters, auto-round's
     # default), or its default for 3 bits and over (the cap)
+    iters, batch = lowbit_shape(tool, iters)
     default = lowbit.SignRound(iters=iters)
     lr = {"lowbit-lr1": default.layer_lr(2), "lowbit-lrcap": default.layer_lr(3)}.get(tool)
-    algo = lowbit.SignRound(iters=iters, batch_size=BATCH, prescale=False if tool == "lowbit-noprescale" else None,
+    algo = lowbit.SignRound(iters=iters, batch_size=batch, prescale=False if tool == "lowbit-noprescale" else None,
                             amp=False if tool == "lowbit-fp32" else None,
                             keep="best" if tool == "lowbit-keepbest" else "last", lr=lr,
                             loss={"lowbit-relloss": "relative", "lowbit-mse": "mse"}.get(tool, default.loss))
@@ -170,6 +195,7 @@ def _lowbit(model, tok, windows, bits, group, iters, nsamples, seed, tool):
         "loss": [[b["loss_first"], b["loss_best"], b["loss_last"]] for b in blocks],
         "loss_calib": [b["loss_calib"] for b in blocks],
         "capture_s": r.report["calibration"]["capture_seconds"],
+        "iters_run": iters, "batch_run": batch,
     }
 
 
@@ -313,7 +339,7 @@ def main():
     from lowbit.calib import calibration_windows, make_windows, tokenize
     from lowbit.model import load_model
 
-    iters_list = [5] if args.quick else iters_of_presets()
+    iters_list = [5] if args.quick else ITERS
     nsamples = 16 if args.quick else 128
     settings = [(m, b, g, it) for m, b, g in SCHEMES + (ON_REQUEST if args.only else []) for it in iters_list]
     if args.light_vs_default:  # one entry per scheme; the iterations go with the tool below

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="asymmetric (min/max with zero point) instead of symmetric")
     q.add_argument("--algorithm", default="signround", help="signround (default) or rtn")
     q.add_argument("--preset", choices=["default", "light", "best"], default="default",
-                   help="light: 50 iters; best: 1000 iters, 512 samples")
+                   help="default: 200 steps of 8 windows; light: 100 steps of 4 (a quarter of the "
+                        "windows); best: 1000 steps, 512 samples")
     q.add_argument("--iters", type=int, default=None)
     q.add_argument("--lr", type=float, default=None, help="default 1/iters (at >= 3 bits at most 1/sqrt(200*iters))")
     q.add_argument("--batch-size", type=int, default=None, help="windows per tuning step (default 8)")

@@ -64,6 +64,25 @@ def test_quantize_and_eval_end_to_end(tmp_path, texts):
     assert json.loads(e.stdout)["ppl"] == pytest.approx(ppl_q, rel=1e-5)
 
 
+def test_light_preset_and_what_overrides_it(tmp_path, texts):
+    """--preset light is 100 steps of 4 windows; a flag given wins over the preset, the rest stays."""
+    def algorithm(name, *flags):
+        out = tmp_path / name
+        r = lowbit("quantize", STORIES, "--scheme", "W4A16G32", "--dataset", texts / "calib.txt", "--seqlen", 64,
+                   "--nsamples", 8, "--preset", "light", *flags, "--out", out, "--quiet")
+        assert r.returncode == 0, r.stderr
+        report = json.loads((out / "quantization.json").read_text())
+        assert all(b["iters"] == report["algorithm"]["iters"] for b in report["blocks"])
+        return report["algorithm"], report["calibration"]["nsamples"]
+
+    light, nsamples = algorithm("light")
+    assert (light["iters"], light["batch_size"], nsamples) == (100, 4, 8)
+    short, _ = algorithm("short", "--iters", 3)
+    assert (short["iters"], short["batch_size"]) == (3, 4)
+    wide, _ = algorithm("wide", "--batch-size", 8)
+    assert (wide["iters"], wide["batch_size"]) == (100, 8)
+
+
 def test_rtn_needs_no_dataset_and_parents_are_created(tmp_path):
     need_assets()
     out = tmp_path / "new" / "dir" / "q"
