@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "windows); best: 1000 steps, 512 samples")
     q.add_argument("--iters", type=int, default=None)
     q.add_argument("--lr", type=float, default=None, help="default 1/iters (at >= 3 bits at most 1/sqrt(200*iters))")
-    q.add_argument("--batch-size", type=int, default=None, help="windows per tuning step (default 8)")
+    q.add_argument("--batch-size", type=int, default=None, help="windows per tuning step (default 8; light 4)")
     q.add_argument("--prescale", action=argparse.BooleanOptionalAction, default=None,
                    help="activation-weighted range search before tuning (default: on at <= 3 bits)")
     q.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
