@@ -110,8 +110,8 @@ def main():
     args = p.parse_args()
     if args.steps:
         try:
-            shapes = [tuple(int(v) for v in s.split("x")) for s in args.steps]
-        except ValueError:
+            shapes = [(int(b), int(i)) for b, i in (s.split("x") for s in args.steps)]
+        except ValueError:  # not two numbers
             sys.exit(f"--steps wants BATCHxITERS, e.g. 8x50, got {args.steps}")
         modes = [(s, "early", b, i) for s, (b, i) in zip(args.steps, shapes)]
     else:
