@@ -121,7 +121,9 @@ def mixed_plan(model, options: str, target: float, windows, allocation: str) -> 
 
     if allocation.startswith("deltaloss"):  # deltaloss: q/k/v and gate/up tied (fused kernels); _untied: not;
         # _tuned: each option scored on the weights of a 50-iteration SignRound, not on rounded ones
-        return make_plan(model, options, target, windows, metric="deltaloss", solver="dp",
+        # _signed: the signed first-order change of each swap (deltaloss_signed), not |g * dW|
+        metric = "deltaloss_signed" if "_signed" in allocation else "deltaloss"
+        return make_plan(model, options, target, windows, metric=metric, solver="dp",
                          tie="_untied" not in allocation, tune_iters=50 if allocation.endswith("_tuned") else 0)
     blocks_name, blocks = find_blocks(model)
     ends = (f"{blocks_name}.0.", f"{blocks_name}.{len(blocks) - 1}.")
@@ -170,12 +172,14 @@ def main() -> None:
     p.add_argument("--mixed-algorithms", default="rtn,signround", help="what quantizes the mixed plans")
     p.add_argument("--mixed-plans", default="deltaloss,deltaloss_untied,ends",
                    help="which mixed plans: deltaloss (q/k/v, gate/up tied), deltaloss_untied, "
-                        "deltaloss_untied_tuned (options scored after 50 SignRound iterations), ends")
+                        "deltaloss_untied_tuned (options scored after 50 SignRound iterations), ends; "
+                        "deltaloss_signed[_untied][_tuned]: the signed first-order change of each swap")
     p.add_argument("--ar-python", default=None, help="the python of auto-round's venv (variant autoround)")
     p.add_argument("--table", action="store_true", help="print the table of every run in the results file")
     p.add_argument("--one", nargs=3, metavar=("MODEL", "SCHEME", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    unknown = set(args.mixed_plans.split(",")) - {"deltaloss", "deltaloss_untied", "deltaloss_untied_tuned", "ends"}
+    plans = {f"deltaloss{m}{u}{t}" for m in ("", "_signed") for u in ("", "_untied") for t in ("", "_tuned")}
+    unknown = set(args.mixed_plans.split(",")) - plans - {"ends"}
     if unknown:
         p.error(f"unknown mixed plan(s): {', '.join(sorted(unknown))}")
     if args.one:

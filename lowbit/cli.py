@@ -26,7 +26,7 @@ def _add_alloc_args(p, required: bool = False):
     p.add_argument("--target-bits", type=float, required=required, default=None,
                    help="average bits per weight, scales and zero points included")
     p.add_argument("--options", default="W2A16,W4A16,W8A16", help="schemes a layer may take (default W2A16,W4A16,W8A16)")
-    p.add_argument("--metric", default="deltaloss", help="deltaloss (default), hessian or output_mse")
+    p.add_argument("--metric", default="deltaloss", help="deltaloss (default), deltaloss_signed, hessian or output_mse")
     p.add_argument("--solver", default="dp", help="dp (exact, default) or milp (needs scipy)")
     p.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different schemes")
     p.add_argument("--fix", action="append", default=[], metavar="LAYER=SCHEME",

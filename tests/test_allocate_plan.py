@@ -35,8 +35,14 @@ def test_metric_finite_and_larger_for_fewer_bits(metric, windows):
     for n, s in scores.items():
         vals = [s[o] for o in names]
         assert all(torch.isfinite(torch.tensor(v)) and v >= 0 for v in vals), (n, s)
-        assert vals[0] > vals[2], (n, s)
+        assert min(vals) == 0 or metric != "deltaloss_signed", (n, s)  # each layer's best option scores 0
+    # W2 above W8 on every layer; for the signed change of a swap on most: measured, two of the 35
+    # layers of stories260K do lose a little at W8 (test_signed_deltaloss_follows_measured_swaps)
+    above = sum(s[names[0]] > s[names[2]] for s in scores.values())
+    assert above >= (0.9 if metric == "deltaloss_signed" else 1.0) * len(scores), scores
     ordered = sum(s[names[0]] > s[names[1]] > s[names[2]] for s in scores.values())
+    if metric == "deltaloss_signed":  # from the W2 point, W4 and W8 differ by noise: only W2 > W4
+        ordered = sum(s[names[0]] > s[names[1]] for s in scores.values())
     assert ordered >= 0.9 * len(scores)
     # the model is left as it was
     after = model.state_dict()
@@ -140,6 +146,55 @@ def test_tuned_scores(windows):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     plan = make_plan(model, opts, 4.0, windows[:4], metric="hessian", tune_iters=2)
     assert plan["tune_iters"] == 2 and plan["achieved_bits"] <= 4.0
+
+
+def test_signed_deltaloss_follows_measured_swaps(windows):
+    """deltaloss_signed predicts what moving one layer from W2 to W8 does to the loss (every other
+    layer at W2) better than DeltaLoss's |g * dW| does: its rank correlation with the measured
+    change, over stories260K's 35 layers, is higher (0.91 against 0.73 when written)."""
+    model, _ = load_model(STORIES)
+    layers, blocks = block_layers(model), find_blocks(model)[1]
+    opts = {o.name: o for o in (OPTIONS["W2A16"], OPTIONS["W8A16"])}
+    low, high = opts
+    original = {n: lin.weight.detach().clone() for n, lin in layers.items()}
+    q = {o: {n: quantized_weight(w, s, None, False) for n, w in original.items()} for o, s in opts.items()}
+
+    @torch.no_grad()
+    def loss():
+        logits = model(input_ids=windows, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()).item()
+
+    with torch.no_grad():
+        for n, lin in layers.items():
+            lin.weight.copy_(q[low][n])
+        at_low, measured = loss(), []
+        for n, lin in layers.items():
+            lin.weight.copy_(q[high][n])
+            measured.append(loss() - at_low)
+            lin.weight.copy_(q[low][n])
+        for n, lin in layers.items():
+            lin.weight.copy_(original[n])
+
+    def rank_corr(a):
+        ranks = torch.stack([torch.tensor(x).argsort().argsort().float() for x in (a, measured)])
+        return torch.corrcoef(ranks)[0, 1].item()
+
+    corr = {}
+    for metric in ("deltaloss", "deltaloss_signed"):
+        s = METRICS[metric](model, layers, opts, windows, blocks=blocks)
+        corr[metric] = rank_corr([s[n][high] - s[n][low] for n in layers])
+    assert corr["deltaloss_signed"] > corr["deltaloss"] + 0.05 and corr["deltaloss_signed"] > 0.8, corr
+
+
+def test_signed_deltaloss_tunes_only_the_cheapest_option(monkeypatch, windows):
+    import lowbit.allocate.plan as plan_module
+
+    seen = []
+    real = plan_module.tuned_weights
+    monkeypatch.setattr(plan_module, "tuned_weights", lambda m, o, w, i: seen.append(sorted(o)) or real(m, o, w, i))
+    model, _ = load_model(STORIES)
+    plan = make_plan(model, list(OPTIONS.values()), 4.0, windows[:4], metric="deltaloss_signed", tune_iters=2)
+    assert seen == [["W2A16G32"]] and plan["achieved_bits"] <= 4.0
 
 
 def test_deltaloss_counts_quantized_inputs(windows):

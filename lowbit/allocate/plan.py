@@ -11,7 +11,7 @@ import torch
 
 from lowbit.version import __version__
 from lowbit.allocate.cost import layer_bits
-from lowbit.allocate.sensitivity import METRICS, tuned_weights
+from lowbit.allocate.sensitivity import METRICS, base_option, tuned_weights
 from lowbit.allocate.solvers import SOLVERS, Choice, Problem
 from lowbit.errors import LowbitError
 from lowbit.model import find_blocks, find_linears
@@ -91,7 +91,10 @@ def make_plan(
     t0 = time.perf_counter()
     _, blocks = find_blocks(model)
     if scores is None:
-        tuned = tuned_weights(model, opts, windows, tune_iters) if tune_iters > 0 else None
+        # deltaloss_signed takes its gradient where every layer has the cheapest option: only
+        # that one is worth a SignRound (the others' weights enter as rounded)
+        tune = {base_option(opts, layers): None} if metric == "deltaloss_signed" else opts
+        tuned = tuned_weights(model, {o: opts[o] for o in tune}, windows, tune_iters) if tune_iters > 0 else None
         scores = METRICS[metric](model, layers, opts, windows, blocks=blocks, prescale=prescale, tuned=tuned)
     t_metric = time.perf_counter() - t0
     choices = {

@@ -6,6 +6,11 @@ Larger means quantizing that layer with that option hurts more.
   forward and backward, score sum |dL/dW_q * (W - Q(W))|: a first-order estimate of the loss change.
   For an option that quantizes a layer's inputs too, add its input term, sum over the calibration
   tokens of |dL/dA_q * (A - Q(A))|, A the layer's input.
+- deltaloss_signed: one forward and backward with every layer at the cheapest option, then for each
+  layer and option the signed first-order change of the loss if that layer alone moved there,
+  g . (Q_o(W) - Q_base(W)) (and the same for its inputs). Errors that cancel count as cancelling;
+  |g * dW| counts each element's error as a loss. Closer to the measured change of each swap
+  (tests/test_allocate_plan.py), but it cannot tell apart two options that are both near float.
 - hessian: sum_j E[x_j^2] * ||W[:, j] - Q(W)[:, j]||^2, the diagonal of X^T X weighting the error
   (the GPTQ/HAWQ-style proxy).
 - output_mse: each layer quantized alone, the mean squared error of its block's output.
@@ -25,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowbit.algorithms.prescale import search_range_factors, weight_importance
 from lowbit.algorithms.stats import InputEnergy
+from lowbit.allocate.cost import layer_bits
 from lowbit.model import capture_block_inputs, run_block
 from lowbit.qdq.act import get_activation
 from lowbit.quantized import quantize_weight
@@ -60,7 +66,7 @@ def tuned_weights(model, options: dict[str, Scheme], windows: torch.Tensor, iter
 
 def _weight_fn(tuned, imp, prescale):
     def qw(name, opt, scheme, w):
-        if tuned is not None:
+        if tuned is not None and opt in tuned:
             return tuned[opt][name].to(w.dtype)
         return quantized_weight(w, scheme, imp.get(name), prescale)
 
@@ -150,6 +156,94 @@ def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], w
     return scores
 
 
+class _InputSwap:
+    """Forward pre-hooks that quantize each layer's input as the base option does (straight-through)
+    and add up, per other option, sum over tokens of dL/dA_q * (Q_o(A) - Q_base(A)), signed."""
+
+    def __init__(self, layers: dict[str, nn.Linear], base: str, acts: dict[str, str | None]):
+        self.sums = {n: dict.fromkeys(acts, 0.0) for n in layers}
+        ident = lambda x: x  # noqa: E731  (an option with 16-bit inputs)
+        quant = {o: get_activation(a) if a is not None else ident for o, a in acts.items()}
+        self.handles = [lin.register_forward_pre_hook(self._hook(n, quant, base)) for n, lin in layers.items()]
+
+    def _hook(self, name, quant, base):
+        def pre_hook(module, args):
+            x = args[0]
+            xq = quant[base](x.detach())
+            if not torch.is_grad_enabled():
+                return (xq, *args[1:])
+            diffs = {o: (q(x.detach()) - xq) for o, q in quant.items() if o != base}
+            xq = x + (xq - x).detach() if x.requires_grad else xq.requires_grad_(True)
+
+            def add(grad):
+                for o, d in diffs.items():
+                    self.sums[name][o] += (grad * d).sum().item()
+
+            xq.register_hook(add)
+            return (xq, *args[1:])
+
+        return pre_hook
+
+    def remove(self) -> dict:
+        for h in self.handles:
+            h.remove()
+        return self.sums
+
+
+def base_option(options: dict[str, Scheme], layers: dict[str, nn.Linear]) -> str:
+    """The option that costs the fewest bits over all the layers."""
+    return min(options, key=lambda o: sum(layer_bits(*lin.weight.shape, options[o]) for lin in layers.values()))
+
+
+def deltaloss_signed(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
+                     *, blocks=None, prescale: bool = False, batch_size: int = 4, tuned: dict | None = None) -> dict:
+    """The loss change of moving one layer from the cheapest option to each other one, to first
+    order at the point where every layer takes the cheapest: g . (Q_o(W) - Q_base(W)) plus the
+    input term, signed, so that errors which cancel count as cancelling (DeltaLoss's |g * dW|
+    counts every element's error as a loss). Scores are shifted per layer so the best option
+    of each layer scores 0."""
+    base = base_option(options, layers)
+    qw = _weight_fn(tuned, input_energy(model, layers, windows) if prescale and tuned is None else {}, prescale)
+    originals = {n: lin.weight.detach().clone() for n, lin in layers.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            for n, lin in layers.items():
+                lin.weight.copy_(qw(n, base, options[base], originals[n]))
+                lin.weight.requires_grad_(True)
+                lin.weight.grad = None
+        swap = _InputSwap(layers, base, {o: s.act for o, s in options.items()}) \
+            if options[base].act is not None else None
+        try:
+            with _checkpointed(blocks):
+                for i in range(0, len(windows), batch_size):
+                    ids = windows[i : i + batch_size]
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    (loss * len(ids) / len(windows)).backward()
+        finally:
+            act_terms = swap.remove() if swap is not None else {}
+        scores = {}
+        for n, lin in layers.items():
+            g, wb = lin.weight.grad, lin.weight.detach()
+            change = {o: 0.0 if o == base else
+                      (g * (qw(n, o, s, originals[n]) - wb)).sum().item() + act_terms.get(n, {}).get(o, 0.0)
+                      for o, s in options.items()}
+            low = min(change.values())
+            scores[n] = {o: c - low for o, c in change.items()}
+    finally:
+        with torch.no_grad():
+            for n, lin in layers.items():
+                lin.weight.requires_grad_(False)
+                lin.weight.grad = None
+                lin.weight.copy_(originals[n])
+        for p in frozen:
+            p.requires_grad_(True)
+    return scores
+
+
 class _checkpointed:
     """Run each block under activation checkpointing, so backward holds one block's activations."""
 
@@ -213,4 +307,4 @@ def output_mse(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], 
     return scores
 
 
-METRICS = {"deltaloss": deltaloss, "hessian": hessian, "output_mse": output_mse}
+METRICS = {"deltaloss": deltaloss, "deltaloss_signed": deltaloss_signed, "hessian": hessian, "output_mse": output_mse}
