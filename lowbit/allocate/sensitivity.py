@@ -117,6 +117,26 @@ class _InputTerm:
         return self.sums
 
 
+def _backward_lm_loss(model, windows: torch.Tensor, batch_size: int) -> None:
+    """Gradients of the mean language-model loss over the windows, a batch at a time."""
+    for i in range(0, len(windows), batch_size):
+        ids = windows[i : i + batch_size]
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        (loss * len(ids) / len(windows)).backward()
+
+
+@torch.no_grad()
+def _put_back(layers: dict[str, nn.Linear], originals: dict, frozen: list) -> None:
+    """The weights as they were, without gradients, and the model's parameters trainable again."""
+    for n, lin in layers.items():
+        lin.weight.requires_grad_(False)
+        lin.weight.grad = None
+        lin.weight.copy_(originals[n])
+    for p in frozen:
+        p.requires_grad_(True)
+
+
 def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], windows: torch.Tensor,
               *, blocks=None, prescale: bool = False, batch_size: int = 4, tuned: dict | None = None) -> dict:
     qw = _weight_fn(tuned, input_energy(model, layers, windows) if prescale and tuned is None else {}, prescale)
@@ -135,24 +155,14 @@ def deltaloss(model, layers: dict[str, nn.Linear], options: dict[str, Scheme], w
                         lin.weight.grad = None
                 inputs = _InputTerm(layers, scheme.act) if scheme.act is not None else None
                 try:
-                    for i in range(0, len(windows), batch_size):
-                        ids = windows[i : i + batch_size]
-                        logits = model(input_ids=ids, use_cache=False).logits
-                        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                        (loss * len(ids) / len(windows)).backward()
+                    _backward_lm_loss(model, windows, batch_size)
                 finally:
                     act_terms = inputs.remove() if inputs is not None else {}
                 for n, lin in layers.items():
                     scores[n][opt] = (lin.weight.grad * (originals[n] - lin.weight.detach())).abs().sum().item() \
                         + act_terms.get(n, 0.0)
     finally:
-        with torch.no_grad():
-            for n, lin in layers.items():
-                lin.weight.requires_grad_(False)
-                lin.weight.grad = None
-                lin.weight.copy_(originals[n])
-        for p in frozen:
-            p.requires_grad_(True)
+        _put_back(layers, originals, frozen)
     return scores
 
 
@@ -218,11 +228,7 @@ def deltaloss_signed(model, layers: dict[str, nn.Linear], options: dict[str, Sch
             if options[base].act is not None else None
         try:
             with _checkpointed(blocks):
-                for i in range(0, len(windows), batch_size):
-                    ids = windows[i : i + batch_size]
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                    (loss * len(ids) / len(windows)).backward()
+                _backward_lm_loss(model, windows, batch_size)
         finally:
             act_terms = swap.remove() if swap is not None else {}
         scores = {}
@@ -234,13 +240,7 @@ def deltaloss_signed(model, layers: dict[str, nn.Linear], options: dict[str, Sch
             low = min(change.values())
             scores[n] = {o: c - low for o, c in change.items()}
     finally:
-        with torch.no_grad():
-            for n, lin in layers.items():
-                lin.weight.requires_grad_(False)
-                lin.weight.grad = None
-                lin.weight.copy_(originals[n])
-        for p in frozen:
-            p.requires_grad_(True)
+        _put_back(layers, originals, frozen)
     return scores
 
 
