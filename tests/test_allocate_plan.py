@@ -151,7 +151,7 @@ def test_tuned_scores(windows):
 def test_signed_deltaloss_follows_measured_swaps(windows):
     """deltaloss_signed predicts what moving one layer from W2 to W8 does to the loss (every other
     layer at W2) better than DeltaLoss's |g * dW| does: its rank correlation with the measured
-    change, over stories260K's 35 layers, is higher (0.91 against 0.73 when written)."""
+    change, over stories260K's 35 layers, is higher (printed with pytest -s)."""
     model, _ = load_model(STORIES)
     layers, blocks = block_layers(model), find_blocks(model)[1]
     opts = {o.name: o for o in (OPTIONS["W2A16"], OPTIONS["W8A16"])}
@@ -183,6 +183,7 @@ def test_signed_deltaloss_follows_measured_swaps(windows):
     for metric in ("deltaloss", "deltaloss_signed"):
         s = METRICS[metric](model, layers, opts, windows, blocks=blocks)
         corr[metric] = rank_corr([s[n][high] - s[n][low] for n in layers])
+    print("rank correlation with the measured W2 -> W8 swaps:", corr)
     assert corr["deltaloss_signed"] > corr["deltaloss"] + 0.05 and corr["deltaloss_signed"] > 0.8, corr
 
 

@@ -93,8 +93,9 @@ def make_plan(
     if scores is None:
         # deltaloss_signed takes its gradient where every layer has the cheapest option: only
         # that one is worth a SignRound (the others' weights enter as rounded)
-        tune = {base_option(opts, layers): None} if metric == "deltaloss_signed" else opts
-        tuned = tuned_weights(model, {o: opts[o] for o in tune}, windows, tune_iters) if tune_iters > 0 else None
+        base = base_option(opts, layers)
+        tune = {base: opts[base]} if metric == "deltaloss_signed" else opts
+        tuned = tuned_weights(model, tune, windows, tune_iters) if tune_iters > 0 else None
         scores = METRICS[metric](model, layers, opts, windows, blocks=blocks, prescale=prescale, tuned=tuned)
     t_metric = time.perf_counter() - t0
     choices = {
