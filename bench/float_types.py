@@ -25,7 +25,9 @@ weighted scale search before tuning); signround-drop-prescale; signround-lr0.01 
 step at 200 iterations); signround-fixedrange (the range factors kept where they start, as MX
 keeps them anyway); signround-blocktarget (SignRound target="block"); signround-mse (its
 loss="mse", the plain mean squared error, SignRound's default before 2026-12-03; the default,
-"relative", takes each token's error relative to its size). Calibration: 128 windows of 256
+"relative", takes each token's error relative to its size); signround-fp32 / signround-bf16 (tuned
+in float32 / under bf16 autocast whatever the CPU; the default autocasts where bf16 is fast).
+Calibration: 128 windows of 256
 tokens, seed 0 (pycode-7m: its calib.txt; SmolLM2: c4_validation_2k); evaluation: pycode-7m's
 heldout.txt, 300 windows of 256 / SmolLM2: wikitext2 test, 40 windows of 256. "recovered" is the
 share of the perplexity round to nearest loses against full precision that the variant wins back.
@@ -55,6 +57,8 @@ VARIANTS = {
     "signround-fixedrange": {"tune_minmax": False},
     "signround-blocktarget": {"target": "block"},  # the block's own error only (SignRound.target)
     "signround-mse": {"loss": "mse"},  # plain MSE; the default weighs each token's error by its size
+    "signround-fp32": {"amp": False},  # tuned in float32 where the default would autocast to bf16
+    "signround-bf16": {"amp": True},  # tuned under bf16 autocast wherever it runs
     "autoround": "autoround",
 }
 
